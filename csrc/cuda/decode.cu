@@ -1,0 +1,584 @@
+// Split-KV decode kernel ("flash-decoding") with per-class attention mass and class-wise re-weighting.
+// See decode.h for the interface. Design:
+//   * grid (B * Hk, num_splits, row_chunks): one CTA holds every query row of one kv head (GQA group x Sq,
+//     up to kRows rows; larger groups are cut into row chunks) for one split of the keys, so each K/V element
+//     of the split is read once (per row chunk);
+//   * K/V tiles of kTileN keys are streamed into shared memory with 16-byte cp.async (zero-filled past the
+//     end), double buffered;
+//   * S = Q K^T on the CUDA cores in fp32 (q pre-scaled, kept in shared memory as fp32), then the class-wise
+//     re-weighting, the mask (length, bottom-right causal), an online softmax per row (one warp per row);
+//   * O += P V with one extra 8-wide "column chunk" holding the one-hot key classes, so that the per-class
+//     masses (and their sum, the softmax denominator) ride on the same accumulation and rescaling;
+//   * each split writes normalized (out, lse, mass) to an fp32 workspace; the combine kernel merges the splits
+//     with weights exp(lse_split - lse_total). With one split the CTA writes the final outputs itself.
+#include "decode.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace avar {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kStages = 2;
+constexpr int kMaxSplits = 128;
+constexpr int kCombineRowsPerBlock = 4;
+
+template <int D> struct DecodeConfig {
+    static constexpr int kTileN = D >= 256 ? 32 : 64;   // keys per tile
+    static constexpr int kRows = D >= 256 ? 32 : 64;    // query rows per CTA (max)
+    static constexpr int kKStride = D + 8;               // halves per smem K/V row (pad: no bank conflicts)
+    static constexpr int kChunks = D / 8;                // 16-byte chunks per row
+    static constexpr int kChunksX = kChunks + 1;         // + the one-hot class chunk
+    static constexpr int kQkGroups = kThreads / kTileN;  // row groups in S = Q K^T
+    static constexpr int kQkRowsPerThread = kRows / kQkGroups;
+    static constexpr int kPvGroups = kThreads / kChunksX;  // row groups in O += P V
+    static constexpr int kPvRowsPerThread = (kRows + kPvGroups - 1) / kPvGroups;
+    static_assert(D % 8 == 0, "head dim must be a multiple of 8");
+    static_assert(kRows % kQkGroups == 0, "rows must split evenly over the QK row groups");
+    static_assert(kTileN % 32 == 0, "tile must be a multiple of the warp size");
+};
+
+template <typename T> struct Vec2;
+template <> struct Vec2<__half> { using type = __half2; };
+template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
+
+__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+template <typename T> __device__ __forceinline__ typename Vec2<T>::type from_float2(float a, float b);
+template <> __device__ __forceinline__ __half2 from_float2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
+template <> __device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, float b) {
+    return __floats2bfloat162_rn(a, b);
+}
+
+// 8 elements (16 bytes, one 128-bit load) -> 8 floats.
+template <typename T> __device__ __forceinline__ void load8(const T* ptr, float* f) {
+    const uint4 u = *reinterpret_cast<const uint4*>(ptr);
+    const typename Vec2<T>::type* h = reinterpret_cast<const typename Vec2<T>::type*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float2 x = to_float2(h[i]);
+        f[2 * i] = x.x;
+        f[2 * i + 1] = x.y;
+    }
+}
+
+template <typename T> __device__ __forceinline__ void store8(T* ptr, const float* f) {
+    uint4 u;
+    typename Vec2<T>::type* h = reinterpret_cast<typename Vec2<T>::type*>(&u);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = from_float2<T>(f[2 * i], f[2 * i + 1]);
+    *reinterpret_cast<uint4*>(ptr) = u;
+}
+
+// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the destination without reading.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    const int n = pred ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename T, int D> size_t split_smem_bytes(int rows_cap) {
+    using Cfg = DecodeConfig<D>;
+    size_t bytes = 2ull * kStages * Cfg::kTileN * Cfg::kKStride * sizeof(T);  // K, V tiles
+    bytes += size_t(rows_cap) * D * sizeof(float);                           // Q (fp32, pre-scaled)
+    bytes += size_t(rows_cap) * (Cfg::kTileN + 1) * sizeof(float);           // S / P
+    bytes += size_t(kStages) * Cfg::kTileN * sizeof(int);                    // key classes
+    bytes += size_t(rows_cap) * kDecodeMaxClasses * 3 * sizeof(float);      // per-row reweight coefficients
+    bytes += size_t(rows_cap) * 3 * sizeof(float);                           // m, alpha, l
+    return bytes;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p, const int rows_cap) {
+    using Cfg = DecodeConfig<D>;
+    constexpr int TN = Cfg::kTileN;
+    constexpr int KST = Cfg::kKStride;
+    constexpr int DC = Cfg::kChunks;
+    constexpr int SST = TN + 1;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Ks = reinterpret_cast<T*>(smem_raw);
+    T* Vs = Ks + kStages * TN * KST;
+    float* Qs = reinterpret_cast<float*>(Vs + kStages * TN * KST);
+    float* Ss = Qs + rows_cap * D;
+    int* kcls_s = reinterpret_cast<int*>(Ss + rows_cap * SST);
+    float* mul_s = reinterpret_cast<float*>(kcls_s + kStages * TN);
+    float* abs_s = mul_s + rows_cap * kDecodeMaxClasses;
+    float* add_s = abs_s + rows_cap * kDecodeMaxClasses;
+    float* m_s = add_s + rows_cap * kDecodeMaxClasses;
+    float* alpha_s = m_s + rows_cap;
+    float* l_s = alpha_s + rows_cap;
+
+    const int tid = threadIdx.x;
+    const int b = blockIdx.x / p.Hk;
+    const int kvh = blockIdx.x % p.Hk;
+    const int split = blockIdx.y;
+    const int group = p.Hq / p.Hk;
+    const int R = group * p.Sq;
+    const int row0 = blockIdx.z * Cfg::kRows;
+    const int Rc = min(R - row0, Cfg::kRows);  // rows held by this CTA (<= rows_cap)
+    const int Sq = p.Sq;
+    const int C = p.C;
+    const int seqlen = p.cache_seqlens[b];
+    const int kbeg = split * p.keys_per_split;
+    const int kend = min(kbeg + p.keys_per_split, seqlen);
+    const int ntiles = kend > kbeg ? (kend - kbeg + TN - 1) / TN : 0;
+    const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
+    const bool has_cls = p.key_class != nullptr;
+    const int causal_off = seqlen - Sq;  // query i sees key j iff j <= i + causal_off
+
+    const T* __restrict__ kg = static_cast<const T*>(p.k);
+    const T* __restrict__ vg = static_cast<const T*>(p.v);
+    const T* __restrict__ qg = static_cast<const T*>(p.q);
+
+    // ---- Q (pre-scaled fp32), per-row reweight coefficients, running max.
+    for (int idx = tid; idx < Rc * DC; idx += kThreads) {
+        const int r = idx / DC, c = idx % DC;
+        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+        float f[8];
+        load8(qg + b * p.q_batch_stride + qi * p.q_seq_stride + h * p.q_head_stride + c * 8, f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) Qs[r * D + c * 8 + e] = f[e] * p.scale;
+    }
+    for (int idx = tid; idx < Rc * kDecodeMaxClasses; idx += kThreads) {
+        const int r = idx / kDecodeMaxClasses, c = idx % kDecodeMaxClasses;
+        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+        float mu = 0.f, ab = 0.f, ad = 0.f;
+        if (has_rw && c < C) {
+            const int a = p.query_class != nullptr ? p.query_class[b * p.query_class_batch_stride + qi] : 0;
+            const int64_t t = (int64_t(h) * C + a) * C + c;
+            if (p.mul) mu = p.mul[t];
+            if (p.abs_) ab = p.abs_[t];
+            if (p.add) ad = p.add[t];
+        }
+        mul_s[idx] = mu;
+        abs_s[idx] = ab;
+        add_s[idx] = ad;
+    }
+    for (int r = tid; r < rows_cap; r += kThreads) {
+        m_s[r] = -INFINITY;
+        alpha_s[r] = 1.f;
+        l_s[r] = 0.f;
+    }
+
+    // ---- K/V tile loader (paged or not), zero-filling keys past kend.
+    auto load_tile = [&](int t, int stage) {
+        const int j0 = kbeg + t * TN;
+        T* kd = Ks + stage * TN * KST;
+        T* vd = Vs + stage * TN * KST;
+        for (int idx = tid; idx < TN * DC; idx += kThreads) {
+            const int n = idx / DC, c = idx % DC;
+            const int j = j0 + n;
+            const bool ok = j < kend;
+            const T* kp = kg;
+            const T* vp = vg;
+            if (ok) {
+                int64_t page, row;
+                if (p.block_table != nullptr) {
+                    page = p.block_table[b * p.block_table_batch_stride + j / p.block_size];
+                    row = j % p.block_size;
+                } else {
+                    page = b;
+                    row = j;
+                }
+                kp = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride + c * 8;
+                vp = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride + c * 8;
+            }
+            cp_async16(kd + n * KST + c * 8, kp, ok);
+            cp_async16(vd + n * KST + c * 8, vp, ok);
+        }
+        for (int n = tid; n < TN; n += kThreads) {
+            const int j = j0 + n;
+            kcls_s[stage * TN + n] = (has_cls && j < kend) ? p.key_class[b * p.key_class_batch_stride + j] : 0;
+        }
+    };
+
+    // Thread roles.
+    const int qk_n = tid % TN, qk_g = tid / TN;
+    const int pv_c = tid % Cfg::kChunksX, pv_g = tid / Cfg::kChunksX;
+    const bool pv_active = pv_g < Cfg::kPvGroups;
+    const int warp = tid / 32, lane = tid % 32;
+
+    float o[Cfg::kPvRowsPerThread][8];
+#pragma unroll
+    for (int i = 0; i < Cfg::kPvRowsPerThread; ++i)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) o[i][e] = 0.f;
+
+    if (ntiles > 0) {
+        load_tile(0, 0);
+        cp_async_commit();
+    }
+    for (int t = 0; t < ntiles; ++t) {
+        const int stage = t & 1;
+        if (t + 1 < ntiles) {
+            load_tile(t + 1, stage ^ 1);
+            cp_async_commit();
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+
+        // ---- S = (scale q) k^T, re-weighted and masked.
+        {
+            const T* krow = Ks + stage * TN * KST + qk_n * KST;
+            float acc[Cfg::kQkRowsPerThread];
+#pragma unroll
+            for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) acc[i] = 0.f;
+#pragma unroll 4
+            for (int c = 0; c < DC; ++c) {
+                float kf[8];
+                load8(krow + c * 8, kf);
+#pragma unroll
+                for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
+                    const int r = qk_g + i * Cfg::kQkGroups;
+                    if (r < Rc) {
+                        const float4 q0 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8);
+                        const float4 q1 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8 + 4);
+                        acc[i] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] +
+                                  q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+                    }
+                }
+            }
+            const int j = kbeg + t * TN + qk_n;
+            const int kc = kcls_s[stage * TN + qk_n];
+#pragma unroll
+            for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
+                const int r = qk_g + i * Cfg::kQkGroups;
+                if (r < Rc) {
+                    float s = acc[i];
+                    if (has_rw) {
+                        const int w = r * kDecodeMaxClasses + kc;
+                        s = s + s * mul_s[w] + abs_s[w] * fabsf(s) + add_s[w];
+                    }
+                    const int qi = (row0 + r) % Sq;
+                    const bool visible = j < kend && (!p.causal || j <= qi + causal_off);
+                    Ss[r * SST + qk_n] = visible ? s : -INFINITY;
+                }
+            }
+        }
+        __syncthreads();
+
+        // ---- online softmax: one warp per row.
+        for (int r = warp; r < Rc; r += kThreads / 32) {
+            float* srow = Ss + r * SST;
+            float sv[TN / 32];
+            float mx = -INFINITY;
+#pragma unroll
+            for (int i = 0; i < TN / 32; ++i) {
+                sv[i] = srow[lane + 32 * i];
+                mx = fmaxf(mx, sv[i]);
+            }
+            mx = warp_max(mx);
+            const float m_old = m_s[r];
+            const float m_new = fmaxf(m_old, mx);
+            float alpha = 1.f;
+            if (m_new == -INFINITY) {
+#pragma unroll
+                for (int i = 0; i < TN / 32; ++i) srow[lane + 32 * i] = 0.f;
+            } else {
+                alpha = __expf(m_old - m_new);
+#pragma unroll
+                for (int i = 0; i < TN / 32; ++i) srow[lane + 32 * i] = __expf(sv[i] - m_new);
+            }
+            __syncwarp();
+            if (lane == 0) {
+                m_s[r] = m_new;
+                alpha_s[r] = alpha;
+            }
+        }
+        __syncthreads();
+
+        // ---- O = alpha O + P V; the class chunk accumulates P over one-hot key classes (masses, row sum).
+        if (pv_active) {
+#pragma unroll
+            for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
+                const int r = pv_g + i * Cfg::kPvGroups;
+                if (r < Rc) {
+                    const float a = alpha_s[r];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) o[i][e] *= a;
+                }
+            }
+            const T* vcol = Vs + stage * TN * KST + pv_c * 8;
+            const int* kcs = kcls_s + stage * TN;
+#pragma unroll 4
+            for (int n = 0; n < TN; ++n) {
+                float vf[8];
+                if (pv_c < DC) {
+                    load8(vcol + n * KST, vf);
+                } else {
+                    const int kc = kcs[n];
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) vf[e] = kc == e ? 1.f : 0.f;
+                }
+#pragma unroll
+                for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
+                    const int r = pv_g + i * Cfg::kPvGroups;
+                    if (r < Rc) {
+                        const float pr = Ss[r * SST + n];
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) o[i][e] += pr * vf[e];
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+
+    // ---- finalize: l = sum of the class columns; write normalized out, lse, mass.
+    if (pv_active && pv_c == DC) {
+#pragma unroll
+        for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
+            const int r = pv_g + i * Cfg::kPvGroups;
+            if (r < Rc) {
+                float l = 0.f;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) l += o[i][e];
+                l_s[r] = l;
+            }
+        }
+    }
+    __syncthreads();
+    if (!pv_active) return;
+    const int64_t rows_total = int64_t(p.B) * p.Hq * Sq;
+#pragma unroll
+    for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
+        const int r = pv_g + i * Cfg::kPvGroups;
+        if (r >= Rc) continue;
+        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+        const float l = l_s[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        const float lse_v = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
+        const int64_t row_id = (int64_t(b) * p.Hq + h) * Sq + qi;
+        float vals[8];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) vals[e] = o[i][e] * inv;
+        if (p.num_splits == 1) {
+            if (pv_c < DC) {
+                T* dst = static_cast<T*>(p.out) + b * p.out_batch_stride + qi * p.out_seq_stride +
+                         h * p.out_head_stride + pv_c * 8;
+                store8(dst, vals);
+            } else {
+                p.lse[row_id] = lse_v;
+#pragma unroll
+                for (int e = 0; e < kDecodeMaxClasses; ++e)
+                    if (e < C) p.mass[row_id * C + e] = vals[e];
+            }
+        } else {
+            const int64_t wrow = int64_t(split) * rows_total + row_id;
+            if (pv_c < DC) {
+                float4* dst = reinterpret_cast<float4*>(p.ws_out + wrow * D + pv_c * 8);
+                dst[0] = make_float4(vals[0], vals[1], vals[2], vals[3]);
+                dst[1] = make_float4(vals[4], vals[5], vals[6], vals[7]);
+            } else {
+                p.ws_lse[wrow] = lse_v;
+#pragma unroll
+                for (int e = 0; e < kDecodeMaxClasses; ++e)
+                    if (e < C) p.ws_mass[wrow * C + e] = vals[e];
+            }
+        }
+    }
+}
+
+// One warp per output row: lse_total = logsumexp_s lse_s; out = sum_s exp(lse_s - lse_total) out_s (same for mass).
+template <typename T>
+__global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kernel(const DecodeParams p) {
+    __shared__ float wsh[kCombineRowsPerBlock][kMaxSplits];
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int64_t rows_total = int64_t(p.B) * p.Hq * p.Sq;
+    const int64_t row = int64_t(blockIdx.x) * kCombineRowsPerBlock + warp;
+    if (row >= rows_total) return;
+    const int S = p.num_splits;
+    float mx = -INFINITY;
+    for (int s = lane; s < S; s += 32) mx = fmaxf(mx, p.ws_lse[s * rows_total + row]);
+    mx = warp_max(mx);
+    float sum = 0.f;
+    for (int s = lane; s < S; s += 32) {
+        const float w = mx == -INFINITY ? 0.f : __expf(p.ws_lse[s * rows_total + row] - mx);
+        wsh[warp][s] = w;
+        sum += w;
+    }
+    sum = warp_sum(sum);
+    __syncwarp();
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    const int qi = int(row % p.Sq);
+    const int h = int((row / p.Sq) % p.Hq);
+    const int b = int(row / (int64_t(p.Sq) * p.Hq));
+    T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + qi * p.out_seq_stride + h * p.out_head_stride;
+    for (int d = lane; d < p.D; d += 32) {
+        float acc = 0.f;
+        for (int s = 0; s < S; ++s) {
+            const float w = wsh[warp][s];
+            if (w != 0.f) acc += w * p.ws_out[(s * rows_total + row) * p.D + d];
+        }
+        out[d] = static_cast<T>(acc * inv);
+    }
+    for (int c = lane; c < p.C; c += 32) {
+        float acc = 0.f;
+        for (int s = 0; s < S; ++s) {
+            const float w = wsh[warp][s];
+            if (w != 0.f) acc += w * p.ws_mass[(s * rows_total + row) * p.C + c];
+        }
+        p.mass[row * p.C + c] = acc * inv;
+    }
+    if (lane == 0) p.lse[row] = (sum > 0.f && mx != -INFINITY) ? mx + logf(sum) : -INFINITY;
+}
+
+template <int D> int row_chunks(const DecodeParams& p) {
+    const int R = (p.Hq / p.Hk) * p.Sq;
+    return (R + DecodeConfig<D>::kRows - 1) / DecodeConfig<D>::kRows;
+}
+
+template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cudaStream_t stream) {
+    using Cfg = DecodeConfig<D>;
+    const int R = (p.Hq / p.Hk) * p.Sq;
+    const int rows_cap = std::min(R, Cfg::kRows);
+    const size_t smem = split_smem_bytes<T, D>(rows_cap);
+    auto kernel = decode_split_kernel<T, D>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    if (err != cudaSuccess) return err;
+    const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_chunks<D>(p)));
+    kernel<<<grid, kThreads, smem, stream>>>(p, rows_cap);
+    return cudaGetLastError();
+}
+
+template <typename T> cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
+    const int64_t rows = int64_t(p.B) * p.Hq * p.Sq;
+    const unsigned blocks = unsigned((rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock);
+    decode_combine_kernel<T><<<blocks, 32 * kCombineRowsPerBlock, 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+// AVAR_DECODE_ONLY_HDIM (a head dim) compiles a single head dim: used by the quick nvcc check.
+#if defined(AVAR_DECODE_ONLY_HDIM)
+#define AVAR_HDIM_CASE(DIM, ...)                      \
+    case DIM:                                         \
+        if constexpr (DIM == AVAR_DECODE_ONLY_HDIM) { \
+            constexpr int kD = DIM;                   \
+            return __VA_ARGS__();                     \
+        } else {                                      \
+            return cudaErrorNotSupported;             \
+        }
+#else
+#define AVAR_HDIM_CASE(DIM, ...) \
+    case DIM: {                  \
+        constexpr int kD = DIM;  \
+        return __VA_ARGS__();    \
+    }
+#endif
+
+template <typename T> cudaError_t dispatch_split(const DecodeParams& p, cudaStream_t stream) {
+    switch (p.D) {
+        AVAR_HDIM_CASE(64, [&] { return launch_split<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(80, [&] { return launch_split<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(96, [&] { return launch_split<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(128, [&] { return launch_split<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(256, [&] { return launch_split<T, kD>(p, stream); })
+        default:
+            return cudaErrorInvalidValue;
+    }
+}
+
+int rows_per_cta_impl(int D) {
+    switch (D) {
+        case 64: return DecodeConfig<64>::kRows;
+        case 80: return DecodeConfig<80>::kRows;
+        case 96: return DecodeConfig<96>::kRows;
+        case 128: return DecodeConfig<128>::kRows;
+        case 256: return DecodeConfig<256>::kRows;
+        default: return 0;
+    }
+}
+
+int tile_n_impl(int D) {
+    switch (D) {
+        case 64: return DecodeConfig<64>::kTileN;
+        case 80: return DecodeConfig<80>::kTileN;
+        case 96: return DecodeConfig<96>::kTileN;
+        case 128: return DecodeConfig<128>::kTileN;
+        case 256: return DecodeConfig<256>::kTileN;
+        default: return 64;
+    }
+}
+
+}  // namespace
+
+bool avar_decode_supported_head_dim(int D) {
+#if defined(AVAR_DECODE_ONLY_HDIM)
+    return D == AVAR_DECODE_ONLY_HDIM;
+#else
+    return D == 64 || D == 80 || D == 96 || D == 128 || D == 256;
+#endif
+}
+
+int avar_decode_rows_per_cta(int D) { return rows_per_cta_impl(D); }
+
+void avar_decode_plan(DecodeParams& p, int num_sms, int forced_splits) {
+    const int tn = tile_n_impl(p.D);
+    const int rows = std::max(1, rows_per_cta_impl(p.D));
+    const int R = (p.Hq / std::max(1, p.Hk)) * p.Sq;
+    const int64_t base_ctas = int64_t(p.B) * p.Hk * ((R + rows - 1) / rows);
+    int splits;
+    if (forced_splits > 0) {
+        splits = forced_splits;
+    } else {
+        // ~2 waves of CTAs over the SMs, every split at least 256 keys.
+        const int64_t target = 2ll * std::max(1, num_sms);
+        const int64_t want = (target + std::max<int64_t>(1, base_ctas) - 1) / std::max<int64_t>(1, base_ctas);
+        const int by_len = std::max(1, p.Sk_max / 256);
+        splits = int(std::min<int64_t>(want, by_len));
+    }
+    splits = std::max(1, std::min(splits, kMaxSplits));
+    int kps = (p.Sk_max + splits - 1) / splits;
+    kps = std::max(tn, (kps + tn - 1) / tn * tn);
+    splits = std::max(1, (p.Sk_max + kps - 1) / kps);
+    p.num_splits = splits;
+    p.keys_per_split = kps;
+}
+
+size_t avar_decode_workspace_floats(const DecodeParams& p) {
+    if (p.num_splits <= 1) return 0;
+    const size_t rows = size_t(p.B) * p.Hq * p.Sq;
+    return size_t(p.num_splits) * rows * (size_t(p.D) + 1 + size_t(p.C));
+}
+
+cudaError_t avar_decode_combine(const DecodeParams& p, cudaStream_t stream) {
+    if (p.num_splits > kMaxSplits) return cudaErrorInvalidValue;
+    return p.dtype == DecodeDtype::kBFloat16 ? launch_combine<__nv_bfloat16>(p, stream)
+                                             : launch_combine<__half>(p, stream);
+}
+
+cudaError_t avar_decode_fwd(const DecodeParams& p, cudaStream_t stream) {
+    if (p.B <= 0 || p.Hq <= 0 || p.Hk <= 0 || p.Hq % p.Hk != 0 || p.Sq <= 0 || p.Sq > kDecodeMaxSq ||
+        p.C < 0 || p.C > kDecodeMaxClasses || p.num_splits < 1 || p.num_splits > kMaxSplits ||
+        p.keys_per_split <= 0 || !avar_decode_supported_head_dim(p.D))
+        return cudaErrorInvalidValue;
+    if (p.num_splits > 1 && (p.ws_out == nullptr || p.ws_lse == nullptr || (p.C > 0 && p.ws_mass == nullptr)))
+        return cudaErrorInvalidValue;
+    cudaError_t err = p.dtype == DecodeDtype::kBFloat16 ? dispatch_split<__nv_bfloat16>(p, stream)
+                                                        : dispatch_split<__half>(p, stream);
+    if (err != cudaSuccess || p.num_splits == 1) return err;
+    return avar_decode_combine(p, stream);
+}
+
+}  // namespace avar
