@@ -1,0 +1,373 @@
+"""Triton backward of the fused op (SPEC 3), deterministic, no atomics.
+
+Two kernels, both recomputing P = exp(z' - lse) blockwise:
+- dK/dV: grid (key block, kv head, sequence); loops over the query heads of the kv head's group and over
+  the query blocks that see the key block; accumulates dk, dv in fp32 registers.
+- dQ: grid (query block, query head, sequence); loops over the visible key blocks.
+dP = dO V^T + dmass[i, class(j)] (a small product onehot(key class) x dmass^T), dZ' = P (dP - delta),
+dZ = dZ' (1 + MUL + ABS sign(z)).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fwd import (INTERPRET, LOG2E, _col_ranges, _load_rows, _reweight, _row_ranges, _visible, class_pad,
+                  dot_precision)
+from . import fwd as _fwd_mod
+
+
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, onehot, kcls, h, start, nblocks,
+                    Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+                    q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
+                    offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
+                    HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                    DM_PREC: tl.constexpr):
+    for b in range(nblocks):
+        rows = start + b * BLOCK_M + offs_m
+        rmask = rows < sq
+        g_rows = (q_start + rows).to(tl.int64)
+        q = _load_rows(Q + g_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], rmask, offs_d,
+                       MASKED, HEAD_DIM, BLOCK_D)
+        do = _load_rows(DO + g_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], rmask, offs_d,
+                        MASKED, HEAD_DIM, BLOCK_D)
+        lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=rmask, other=float("-inf"))
+        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+        di = tl.load(DELTA + h * stride_lh + q_start + rows, mask=rmask, other=0.0)
+        qkT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+        sT = qkT * qk_scale
+        zT = sT
+        if HAS_RW:
+            qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)
+            idx = qcls[None, :] * C + kcls[:, None]
+            zT = _reweight(sT, idx, MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
+        if MASKED:
+            vis = _visible(rows[None, :], offs_n[:, None], sq, sk, wl, wr, HAS_WL, HAS_WR)
+            zT = tl.where(vis, zT, float("-inf"))
+        pT = tl.math.exp2(zT - lse2[None, :])
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
+        if HAS_CLASSES:
+            if MASS_DOT:
+                dm = tl.load(DMASS + h * stride_dmh + g_rows[:, None] * C + offs_c[None, :],
+                             mask=rmask[:, None] & (offs_c[None, :] < C), other=0.0)
+                dpT = tl.dot(onehot, tl.trans(dm), dpT, input_precision=DM_PREC)
+            else:
+                for c in tl.static_range(C):
+                    dmc = tl.load(DMASS + h * stride_dmh + g_rows * C + c, mask=rmask, other=0.0)
+                    dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
+        dsT = pT * (dpT - di[None, :])
+        if HAS_RW:
+            fac = 1.0
+            if HAS_MUL:
+                fac += tl.load(MUL_h + idx)
+            if HAS_ABS:
+                sgn = tl.where(sT > 0, 1.0, tl.where(sT < 0, -1.0, 0.0))
+                fac += tl.load(ABS_h + idx) * sgn
+            dsT = dsT * fac
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
+                     scale, qk_scale, wl, wr,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                     stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+                     stride_lh, stride_dmh,
+                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     C: tl.constexpr, CP: tl.constexpr,
+                     HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                     HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                     DM_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_n = tl.program_id(0)
+    hk = tl.program_id(1)
+    n = tl.program_id(2)
+    k_start = tl.load(CU_K + n)
+    sk = tl.load(CU_K + n + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= sk:
+        return
+    q_start = tl.load(CU_Q + n)
+    sq = tl.load(CU_Q + n + 1) - q_start
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CP)
+    mask_n = offs_n < sk
+    mask_d = offs_d < HEAD_DIM
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k = tl.load(K + k_rows[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    v = tl.load(V + k_rows[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
+                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    if HAS_CLASSES:
+        kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)
+        onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)
+    else:
+        kcls = offs_n
+        onehot = offs_c[None, :].to(tl.float32)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    n_last = tl.minimum(n0 + BLOCK_N, sk) - 1
+    lo, nA, startB, nB, startC, nC = _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK_M, HAS_WL, HAS_WR)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        MUL_h = MUL + h * C * C
+        ABS_h = ABS + h * C * C
+        ADD_h = ADD + h * C * C
+        if HAS_WR:
+            dk, dv = _bwd_dkdv_inner(
+                dk, dv, k, v, onehot, kcls, h, lo, nA, Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+                q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
+                offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
+                HEAD_DIM, C, BLOCK_M, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+                HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, onehot, kcls, h, startB, nB, Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+            q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
+            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
+            HEAD_DIM, C, BLOCK_M, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+        dk, dv = _bwd_dkdv_inner(
+            dk, dv, k, v, onehot, kcls, h, startC, nC, Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+            q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
+            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
+            HEAD_DIM, C, BLOCK_M, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+
+    smask = mask_n[:, None] & mask_d[None, :]
+    tl.store(DK + k_rows[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=smask)
+    tl.store(DV + k_rows[:, None] * stride_dvt + hk * stride_dvh + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=smask)
+
+
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, di, dm, qcls, start, nblocks,
+                  K_base, V_base, KCLS_base, stride_kt, stride_vt,
+                  offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+                  HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                  HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                  HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                  DM_PREC: tl.constexpr):
+    for b in range(nblocks):
+        cols = start + b * BLOCK_N + offs_n
+        kmask = cols < sk
+        k = _load_rows(K_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], kmask, offs_d,
+                       MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :], kmask, offs_d,
+                       MASKED, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = qk * qk_scale
+        z = s
+        if HAS_CLASSES:
+            kcls = tl.load(KCLS_base + cols, mask=kmask, other=0)
+        if HAS_RW:
+            idx = qcls[:, None] * C + kcls[None, :]
+            z = _reweight(s, idx, MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
+        if MASKED:
+            vis = _visible(offs_m[:, None], cols[None, :], sq, sk, wl, wr, HAS_WL, HAS_WR)
+            z = tl.where(vis, z, float("-inf"))
+        p = tl.math.exp2(z - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        if HAS_CLASSES:
+            if MASS_DOT:
+                onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)
+                dp = tl.dot(dm, tl.trans(onehot), dp, input_precision=DM_PREC)
+            else:
+                for c in tl.static_range(C):
+                    dmc = tl.sum(tl.where(offs_c[None, :] == c, dm, 0.0), 1)
+                    dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
+        ds = p * (dp - di[:, None])
+        if HAS_RW:
+            fac = 1.0
+            if HAS_MUL:
+                fac += tl.load(MUL_h + idx)
+            if HAS_ABS:
+                sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+                fac += tl.load(ABS_h + idx) * sgn
+            ds = ds * fac
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    return dq
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
+                   scale, qk_scale, wl, wr,
+                   stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+                   stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh,
+                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   C: tl.constexpr, CP: tl.constexpr,
+                   HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                   HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                   HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                   DM_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    q_start = tl.load(CU_Q + n)
+    sq = tl.load(CU_Q + n + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= sq:
+        return
+    k_start = tl.load(CU_K + n)
+    sk = tl.load(CU_K + n + 1) - k_start
+    hk = h // GROUP
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CP)
+    mask_m = offs_m < sq
+    mask_d = offs_d < HEAD_DIM
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
+                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=mask_m, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    di = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=mask_m, other=0.0)
+    if HAS_CLASSES:
+        dm = tl.load(DMASS + h * stride_dmh + q_rows[:, None] * C + offs_c[None, :],
+                     mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)
+    else:
+        dm = tl.zeros([BLOCK_M, CP], dtype=tl.float32)
+    if HAS_RW:
+        qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)
+    else:
+        qcls = offs_m
+    MUL_h = MUL + h * C * C
+    ABS_h = ABS + h * C * C
+    ADD_h = ADD + h * C * C
+    K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+    V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+    KCLS_base = KCLS + k_start
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_last = tl.minimum(m0 + BLOCK_M, sq) - 1
+    lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
+    if HAS_WL:
+        dq = _bwd_dq_inner(
+            dq, q, do, lse2, di, dm, qcls, lo, nA, K_base, V_base, KCLS_base, stride_kt, stride_vt,
+            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+            HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, di, dm, qcls, startB, nB, K_base, V_base, KCLS_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+        HEAD_DIM, C, BLOCK_N, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+        HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+    dq = _bwd_dq_inner(
+        dq, q, do, lse2, di, dm, qcls, startC, nC, K_base, V_base, KCLS_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+        HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+        HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+    tl.store(DQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------
+
+def _cfgs(rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
+
+
+def _dkdv_configs(bd):
+    # (BLOCK_M = query rows per step, BLOCK_N = keys owned by the program)
+    if bd <= 64:
+        return _cfgs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
+    if bd <= 128:
+        return _cfgs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)])
+    return _cfgs([(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)])
+
+
+def _dq_configs(bd):
+    if bd <= 64:
+        return _cfgs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+    if bd <= 128:
+        return _cfgs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)])
+    return _cfgs([(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)])
+
+
+_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC", "GROUP"]
+_tuned = {}
+
+
+def _get(kind, bd):
+    if INTERPRET:
+        return _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
+    cls = 64 if bd <= 64 else (128 if bd <= 128 else 256)
+    key = (kind, cls)
+    if key not in _tuned:
+        if kind == "dkdv":
+            _tuned[key] = triton.autotune(configs=_dkdv_configs(cls), key=_KEY)(_bwd_dkdv_kernel)
+        else:
+            _tuned[key] = triton.autotune(configs=_dq_configs(cls), key=_KEY)(_bwd_dq_kernel)
+    return _tuned[key]
+
+
+def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right):
+    tq, hq, d = q.shape
+    tk, hk, _ = k.shape
+    nseq = cu_seqlens_q.numel() - 1
+    C = int(num_classes)
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if nseq == 0 or (tq == 0 and tk == 0):
+        return dq, dk, dv
+    dout = dout.contiguous()
+    lse = lse.float().contiguous()
+    delta = delta.float().contiguous()
+    has_classes = C > 0
+    if has_classes:
+        dmass = (torch.zeros(hq, tq, C, device=q.device, dtype=torch.float32) if dmass is None
+                 else dmass.float().contiguous())
+    bd = max(16, triton.next_power_of_2(d))
+    has_rw = mul is not None or abs_ is not None or add is not None
+    dummy_f = lse
+    dummy_i = cu_seqlens_q
+    mass_dot = _fwd_mod.MASS_DOT
+    prec = dot_precision(q.dtype)
+    common = dict(
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=bd, C=max(C, 1), CP=class_pad(C, mass_dot),
+        HAS_CLASSES=has_classes, HAS_RW=has_rw, HAS_MUL=mul is not None, HAS_ABS=abs_ is not None,
+        HAS_ADD=add is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
+        MASS_DOT=mass_dot, PREC=prec, DM_PREC="ieee" if prec == "ieee" else "tf32x3")
+    if INTERPRET:
+        common.update(BLOCK_M=_fwd_mod.INTERPRET_BLOCKS[0], BLOCK_N=_fwd_mod.INTERPRET_BLOCKS[1])
+    ptrs = (cu_seqlens_q, cu_seqlens_k,
+            key_class if key_class is not None else dummy_i,
+            query_class if query_class is not None else dummy_i,
+            mul if mul is not None else dummy_f, abs_ if abs_ is not None else dummy_f,
+            add if add is not None else dummy_f)
+    dm = dmass if has_classes else dummy_f
+    dm_stride = dmass.stride(0) if has_classes else 0
+    scalars = (float(scale), float(scale) * LOG2E, int(window_left), int(window_right))
+
+    if tk > 0:
+        _get("dkdv", bd)[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
+            q, k, v, dout, lse, delta, dm, dk, dv, *ptrs, *scalars,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            lse.stride(0), dm_stride, **common)
+    if tq > 0:
+        _get("dq", bd)[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
+            q, k, v, dout, lse, delta, dm, dq, *ptrs, *scalars,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), dm_stride, **common)
+    return dq, dk, dv

@@ -1,0 +1,336 @@
+"""Triton forward of the fused op: FlashAttention-2 style online softmax with per-class mass accumulators.
+
+Grid: (query block, query head, sequence) over the packed (varlen) layout. Scores are kept in log2 units
+(log2(e) folded into the scale) and exponentiated with exp2. Reweight tables, classes and the window are
+compile-time flags, so plain attention pays nothing for them. The key loop runs in three phases: a masked
+phase at the left window edge, an unmasked interior and a masked phase at the right (causal) edge; fully
+masked key blocks are never visited.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Masses: True accumulates them with a small tensor-core product p @ onehot(key class) [BLOCK_N, 16]
+# (the V-augmentation trick done in registers), False with C masked row reductions. Both are exact
+# formulations; the product is cheaper on tensor-core GPUs. Tests exercise both.
+MASS_DOT = True
+
+
+def class_pad(num_classes: int, mass_dot: bool) -> int:
+    if num_classes == 0:
+        return 1
+    return 16 if mass_dot else triton.next_power_of_2(num_classes)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products (the FlashAttention rule compares with a true fp32 reference).
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Shared device helpers (also used by bwd.py)
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _reweight(s, idx, MUL, ABS, ADD, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
+    """s: scores in log2 units; idx: flat table offsets (same shape). Returns z' in log2 units."""
+    z = s
+    if HAS_MUL:
+        z += s * tl.load(MUL + idx)
+    if HAS_ABS:
+        z += tl.abs(s) * tl.load(ABS + idx)
+    if HAS_ADD:
+        z += tl.load(ADD + idx) * 1.4426950408889634
+    return z
+
+
+@triton.jit
+def _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """For the query rows m0..m_last: key range [lo, hi) split into (A masked, B unmasked, C masked) phases
+    of BLOCK keys. Returns (lo, nA, startB, nB, startC, nC)."""
+    diag = sk - sq
+    lo = sk * 0
+    hi = sk
+    full_lo = lo
+    full_hi = hi
+    if HAS_WL:
+        lo = tl.maximum(m0 + diag - wl, 0)
+        full_lo = tl.maximum(m_last + diag - wl, lo)
+    if HAS_WR:
+        hi = tl.minimum(m_last + diag + wr + 1, sk)
+        full_hi = tl.minimum(m0 + diag + wr + 1, hi)
+    nA = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
+    startB = lo + nA * BLOCK
+    nB = tl.maximum(full_hi - startB, 0) // BLOCK
+    startC = startB + nB * BLOCK
+    nC = tl.cdiv(tl.maximum(hi - startC, 0), BLOCK)
+    return lo, nA, startB, nB, startC, nC
+
+
+@triton.jit
+def _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """For the keys n0..n_last: query range [lo, hi) that sees any of them, split into masked / unmasked /
+    masked phases of BLOCK rows. Returns (lo, nA, startB, nB, startC, nC)."""
+    diag = sk - sq
+    lo = sq * 0
+    hi = sq
+    full_lo = lo
+    full_hi = hi
+    if HAS_WR:
+        lo = tl.maximum(n0 - diag - wr, 0)
+        full_lo = tl.maximum(n_last - diag - wr, lo)
+    if HAS_WL:
+        hi = tl.minimum(n_last - diag + wl + 1, sq)
+        full_hi = tl.minimum(n0 - diag + wl + 1, hi)
+    nA = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
+    startB = lo + nA * BLOCK
+    nB = tl.maximum(full_hi - startB, 0) // BLOCK
+    startC = startB + nB * BLOCK
+    nC = tl.cdiv(tl.maximum(hi - startC, 0), BLOCK)
+    return lo, nA, startB, nB, startC, nC
+
+
+@triton.jit
+def _load_rows(ptrs, rmask, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a [rows, BLOCK_D] tile; masks only what the phase / head-dim padding needs."""
+    if MASKED:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=rmask[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rmask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    return x
+
+
+@triton.jit
+def _visible(rows, cols, sq, sk, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """rows, cols broadcastable local indices: True where query row sees key col (and col < sk)."""
+    vis = cols < sk
+    if HAS_WL:
+        vis = vis & (cols >= rows + (sk - sq) - wl)
+    if HAS_WR:
+        vis = vis & (cols <= rows + (sk - sq) + wr)
+    return vis
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, acc_m, q, qcls, start, nblocks,
+               K_base, V_base, KCLS_base, stride_kt, stride_vt,
+               offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+               HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+               HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr):
+    for b in range(nblocks):
+        cols = start + b * BLOCK_N + offs_n
+        kmask = cols < sk
+        k = _load_rows(K_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], kmask, offs_d,
+                       MASKED, HEAD_DIM, BLOCK_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        z = qk * qk_scale
+        if HAS_CLASSES:
+            kcls = tl.load(KCLS_base + cols, mask=kmask, other=0)
+        if HAS_RW:
+            z = _reweight(z, qcls[:, None] * C + kcls[None, :], MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
+        if MASKED:
+            vis = _visible(offs_m[:, None], cols[None, :], sq, sk, wl, wr, HAS_WL, HAS_WR)
+            z = tl.where(vis, z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(z - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(V_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :], kmask, offs_d,
+                       MASKED, HEAD_DIM, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+        if HAS_CLASSES:
+            acc_m = acc_m * alpha[:, None]
+            if MASS_DOT:
+                onehot = (kcls[:, None] == offs_c[None, :]).to(v.dtype)
+                acc_m = tl.dot(p.to(v.dtype), onehot, acc_m, input_precision=PREC)
+            else:
+                for c in tl.static_range(C):
+                    pc = tl.sum(tl.where(kcls[None, :] == c, p, 0.0), 1)
+                    acc_m += tl.where(offs_c[None, :] == c, pc[:, None], 0.0)
+        m_i = m_new
+    return acc, l_i, m_i, acc_m
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
+                qk_scale, wl, wr,
+                stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+                stride_lh, stride_mh,
+                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                C: tl.constexpr, CP: tl.constexpr,
+                HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    q_start = tl.load(CU_Q + n)
+    sq = tl.load(CU_Q + n + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= sq:
+        return
+    k_start = tl.load(CU_K + n)
+    sk = tl.load(CU_K + n + 1) - k_start
+    hk = h // GROUP
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CP)
+    mask_m = offs_m < sq
+    mask_d = offs_d < HEAD_DIM
+
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    if HAS_RW:
+        qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)
+    else:
+        qcls = offs_m
+    MUL_h = MUL + h * C * C
+    ABS_h = ABS + h * C * C
+    ADD_h = ADD + h * C * C
+
+    K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+    V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
+    KCLS_base = KCLS + k_start
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc_m = tl.zeros([BLOCK_M, CP], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+
+    m_last = tl.minimum(m0 + BLOCK_M, sq) - 1
+    lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
+    if HAS_WL:
+        acc, l_i, m_i, acc_m = _fwd_inner(
+            acc, l_i, m_i, acc_m, q, qcls, lo, nA, K_base, V_base, KCLS_base, stride_kt, stride_vt,
+            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+            HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+            HAS_WL, HAS_WR, MASS_DOT, PREC)
+    acc, l_i, m_i, acc_m = _fwd_inner(
+        acc, l_i, m_i, acc_m, q, qcls, startB, nB, K_base, V_base, KCLS_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+        HEAD_DIM, C, BLOCK_N, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+        HAS_WL, HAS_WR, MASS_DOT, PREC)
+    acc, l_i, m_i, acc_m = _fwd_inner(
+        acc, l_i, m_i, acc_m, q, qcls, startC, nC, K_base, V_base, KCLS_base, stride_kt, stride_vt,
+        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
+        HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+        HAS_WL, HAS_WR, MASS_DOT, PREC)
+
+    empty = l_i == 0.0
+    l_safe = tl.where(empty, 1.0, l_i)
+    inv = 1.0 / l_safe
+    out = acc * inv[:, None]
+    tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=mask_m[:, None] & mask_d[None, :])
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
+    if HAS_CLASSES:
+        mass = acc_m * inv[:, None]
+        tl.store(MASS + h * stride_mh + (q_start + offs_m)[:, None].to(tl.int64) * C + offs_c[None, :], mass,
+                 mask=mask_m[:, None] & (offs_c[None, :] < C))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------
+
+def _fwd_configs():
+    cfgs = []
+    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3),
+                         (128, 32, 4, 3), (64, 32, 4, 2)]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
+    return cfgs
+
+
+def _prune_fwd(bd):
+    # Keep a small, head-dim-appropriate set: autotuning is a one-off cost per key but must stay short.
+    if bd <= 64:
+        keep = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
+    elif bd <= 128:
+        keep = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+    else:
+        keep = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in keep]
+
+
+_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC", "GROUP"]
+_fwd_tuned = {}
+
+
+def _get_fwd(bd):
+    if INTERPRET:
+        return _fwd_kernel
+    cls = 64 if bd <= 64 else (128 if bd <= 128 else 256)
+    if cls not in _fwd_tuned:
+        _fwd_tuned[cls] = triton.autotune(configs=_prune_fwd(cls), key=_KEY)(_fwd_kernel)
+    return _fwd_tuned[cls]
+
+
+INTERPRET_BLOCKS = (16, 16)
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
+            num_classes, mul, abs_, add, scale, window_left, window_right):
+    tq, hq, d = q.shape
+    hk = k.shape[1]
+    nseq = cu_seqlens_q.numel() - 1
+    C = int(num_classes)
+    out = torch.empty_like(q)
+    lse = torch.empty(hq, tq, device=q.device, dtype=torch.float32)
+    mass = torch.empty(hq, tq, C, device=q.device, dtype=torch.float32)
+    if tq == 0 or nseq == 0:
+        return out, lse, mass
+    bd = max(16, triton.next_power_of_2(d))
+    has_rw = mul is not None or abs_ is not None or add is not None
+    dummy_f = lse
+    dummy_i = cu_seqlens_q
+    mass_dot = MASS_DOT
+    kwargs = dict(
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=bd, C=max(C, 1), CP=class_pad(C, mass_dot),
+        HAS_CLASSES=C > 0, HAS_RW=has_rw, HAS_MUL=mul is not None, HAS_ABS=abs_ is not None,
+        HAS_ADD=add is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
+        MASS_DOT=mass_dot, PREC=dot_precision(q.dtype))
+    if INTERPRET:
+        kwargs.update(BLOCK_M=INTERPRET_BLOCKS[0], BLOCK_N=INTERPRET_BLOCKS[1])
+    kern = _get_fwd(bd)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)
+
+    kern[grid](
+        q, k, v, out, lse, mass if C > 0 else dummy_f, cu_seqlens_q, cu_seqlens_k,
+        key_class if key_class is not None else dummy_i,
+        query_class if query_class is not None else dummy_i,
+        mul if mul is not None else dummy_f, abs_ if abs_ is not None else dummy_f,
+        add if add is not None else dummy_f,
+        float(scale) * LOG2E, int(window_left), int(window_right),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), lse.stride(0), mass.stride(0) if C > 0 else 0,
+        **kwargs)
+    return out, lse, mass
