@@ -1,0 +1,212 @@
+"""Triton backend against the float64 reference (SPEC 6, the FlashAttention rule).
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (set here before triton is imported) at small shapes,
+in fp16/fp32 (bf16 tl.dot is wrong in the interpreter). Tests marked gpu run a bigger matrix in bf16/fp16.
+Each case calls avar_kernels.triton.forward/backward directly, with delta computed as in docs/backends.md,
+and compares out, lse, mass, dq, dk, dv with the reference (autograd) run in float64, allowing twice the
+error of the reference run in the kernel's dtype plus a small atol.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+
+from avar_kernels import reference as R  # noqa: E402
+import avar_kernels.triton as T  # noqa: E402
+from avar_kernels.triton import fwd as TF  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+if DEV == "cpu" and not TF.INTERPRET:
+    pytest.skip("avar_kernels.triton.fwd was imported without TRITON_INTERPRET=1 and there is no GPU",
+                allow_module_level=True)
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def fa_check(name, got, ref64, ref_lowp, atol):
+    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
+    got, ref64, ref_lowp = got.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
+    assert not torch.isnan(got).any(), f"{name}: NaN"
+    inf = torch.isinf(ref64)
+    assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], ref64[inf]), f"{name}: infinities differ"
+    fin = ~inf
+    if not fin.any():
+        return 0.0
+    scale = max(1.0, ref64[fin].abs().max().item())
+    err = (got[fin] - ref64[fin]).abs().max().item()
+    base = (ref_lowp[fin] - ref64[fin]).abs().max().item()
+    assert err <= 2 * base + atol * scale, f"{name}: error {err:.3g} > 2 * {base:.3g} + {atol:g} * {scale:.3g}"
+    return err
+
+
+def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV):
+    cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    tq, tk = sum(lq), sum(lk)
+    q = torch.randn(tq, hq, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(tk, hk, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(tk, hk, d, generator=gen, dtype=torch.float64)
+    kc = torch.randint(0, c, (tk,), generator=gen, dtype=torch.int32).to(device) if c else None
+    qc = torch.randint(0, c, (tq,), generator=gen, dtype=torch.int32).to(device) if c else None
+    tabs = {}
+    for name in ("mul", "abs", "add"):
+        on = rw == name or rw == "mixed"
+        amp = {"mul": 0.3, "abs": 0.2, "add": 1.0}[name]
+        tabs[name] = (amp * torch.randn(hq, c, c, generator=gen)).to(device) if on and c else None
+    return (q, k, v), (cq, ck, max(lq), max(lk), kc, qc, c, tabs["mul"], tabs["abs"], tabs["add"])
+
+
+def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=torch.float32, seed=0,
+             backward=True, device=DEV):
+    gen = torch.Generator().manual_seed(seed)
+    (q64, k64, v64), meta = make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device)
+    wl, wr = window if window is not None else (-1, 0 if causal else -1)
+    args = meta + (d ** -0.5, wl, wr)
+    tq = q64.shape[0]
+    dout = torch.randn(q64.shape, generator=gen, dtype=torch.float64).to(device)
+    dmass = torch.randn(hq, tq, c, generator=gen, dtype=torch.float64).to(device) if c else None
+    dlse = torch.randn(hq, tq, generator=gen, dtype=torch.float64).to(device)
+
+    def reference(dt):
+        q, k, v = (t.to(device=device, dtype=dt).requires_grad_(True) for t in (q64, k64, v64))
+        out, lse, mass = R.forward(q, k, v, *args)
+        loss = (out.double() * dout).sum()
+        fin = torch.isfinite(lse)
+        if fin.all():  # the reference's logsumexp has NaN gradients on empty rows: no dlse there
+            loss = loss + (lse.double() * dlse).sum()
+        if c:
+            loss = loss + (mass.double() * dmass).sum()
+        if not backward:
+            return out, lse, mass, None, None, None
+        dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
+        return out, lse, mass, dq, dk, dv
+
+    ref64 = reference(torch.float64)
+    ref_lp = reference(dtype)
+    has_empty = not torch.isfinite(ref64[1]).all()
+
+    q, k, v = (t.to(device=device, dtype=dtype) for t in (q64, k64, v64))
+    out, lse, mass = T.forward(q, k, v, *args)
+    assert out.dtype == dtype and lse.dtype == torch.float32 and mass.dtype == torch.float32
+    assert lse.shape == (hq, tq) and mass.shape == (hq, tq, c)
+    got = [out, lse, mass]
+    if backward:
+        do = dout.to(dtype)
+        dl = torch.zeros_like(dlse) if has_empty else dlse
+        delta = (do.float() * out.float()).sum(-1).transpose(0, 1) - dl.float()
+        if c:
+            delta = delta + (dmass.float() * mass).sum(-1)
+        dq, dk, dv = T.backward(do, dmass.float() if c else None, delta.contiguous(), q, k, v, out, lse, *args)
+        assert dq.dtype == dtype and dk.shape == k.shape and dv.shape == v.shape
+        got += [dq, dk, dv]
+    errs = {}
+    for name, g, r64, rlp in zip(("out", "lse", "mass", "dq", "dk", "dv"), got, ref64, ref_lp):
+        atol = ATOL[dtype] * (1 if name in ("out", "lse", "mass") else 4)
+        errs[name] = fa_check(name, g, r64, rlp, atol)
+    return got, errs
+
+
+# ------------------------------------------------------------------------------------------------------
+# Interpreter / any-device tests (small shapes)
+# ------------------------------------------------------------------------------------------------------
+
+CASES = [
+    # lq, lk, hq, hk, d, c, causal, window, rw, dtype
+    ([17, 1, 40], [63, 17, 40], 4, 4, 64, 3, True, None, "none", torch.float32),
+    ([1, 17], [63, 63], 8, 2, 32, 8, False, None, "mul", torch.float16),
+    ([17, 63], [63, 17], 6, 1, 80, 1, False, (5, 0), "abs", torch.float32),
+    ([33], [33], 4, 4, 96, 3, False, None, "add", torch.float16),
+    ([24, 9], [31, 9], 8, 2, 128, 8, True, None, "mixed", torch.float32),
+    ([20, 5], [20, 40], 4, 2, 64, 0, True, None, "none", torch.float16),
+    ([30], [45], 4, 2, 32, 3, False, (4, 6), "mixed", torch.float16),
+    ([40], [40], 2, 1, 64, 4, False, (-1, 3), "none", torch.float32),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}k{c[1]}h{c[2]}-{c[3]}d{c[4]}c{c[5]}"
+                         f"{'causal' if c[6] else ''}w{c[7]}{c[8]}-{str(c[9])[6:]}")
+def test_fwd_bwd(case):
+    lq, lk, hq, hk, d, c, causal, window, rw, dtype = case
+    run_case(lq, lk, hq, hk, d, c, causal, window, rw, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_rows(dtype):
+    """sq > sk with causal: the first sq - sk rows see nothing: out 0, mass 0, lse -inf, no NaN."""
+    got, _ = run_case([40, 3], [17, 3], 4, 2, 64, 3, causal=True, rw="mixed", dtype=dtype)
+    out, lse, mass = got[:3]
+    assert torch.isneginf(lse[:, :23]).all() and torch.isfinite(lse[:, 23:]).all()
+    assert (out[:23] == 0).all() and (mass[:, :23] == 0).all()
+    for g in got[3:]:
+        assert torch.isfinite(g).all()
+
+
+def test_empty_sequence_and_left_window():
+    # a sequence with no keys, a sequence with no queries, and a left-only window
+    run_case([5, 0, 20], [0, 7, 20], 2, 1, 32, 2, window=(3, -1), rw="mul")
+
+
+@pytest.mark.parametrize("c", [1, 3, 8])
+def test_masses_loop_variant(c, monkeypatch):
+    """The reduction (non-product) formulation of the masses and of the dmass term."""
+    monkeypatch.setattr(TF, "MASS_DOT", False)
+    run_case([17, 8], [25, 30], 4, 2, 32, c, causal=True, rw="mixed", dtype=torch.float32)
+
+
+def test_masses_sum_to_one():
+    got, _ = run_case([33], [33], 2, 2, 64, 5, backward=False)
+    torch.testing.assert_close(got[2].sum(-1), torch.ones_like(got[2][..., 0]), atol=1e-5, rtol=0)
+
+
+def test_head_dim_256():
+    run_case([17], [20], 2, 1, 256, 3, causal=True, rw="mul", dtype=torch.float16)
+
+
+def test_block_boundaries_causal_long():
+    # several key blocks on both sides of the diagonal (interpreter blocks are 16)
+    run_case([70], [70], 2, 2, 32, 3, causal=True, dtype=torch.float32)
+
+
+def test_zero_reweight_equals_plain():
+    gen = torch.Generator().manual_seed(3)
+    (q, k, v), meta = make_case([30], [30], 2, 2, 32, 3, "none", torch.float32, gen)
+    q, k, v = (t.float().to(DEV) for t in (q, k, v))
+    z = torch.zeros(2, 3, 3, device=DEV)
+    a = T.forward(q, k, v, *meta, 32 ** -0.5, -1, 0)
+    b = T.forward(q, k, v, *meta[:7], z, z, z, 32 ** -0.5, -1, 0)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# GPU matrix (bf16 / fp16, SPEC 6 shapes)
+# ------------------------------------------------------------------------------------------------------
+
+GPU_LENS = [([1], [1000]), ([17], [63]), ([111], [111]), ([1000], [1000]), ([63, 1, 111, 1000], [63, 17, 111, 1000])]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [32, 64, 80, 96, 128, 256])
+@pytest.mark.parametrize("lens", GPU_LENS, ids=lambda x: f"q{x[0]}k{x[1]}")
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1)])
+def test_gpu_matrix(dtype, d, lens, heads):
+    lq, lk = lens
+    for causal, c, rw, window in [(True, 4, "none", None), (False, 0, "none", None), (True, 8, "mixed", None),
+                                  (False, 3, "mul", (64, 16))]:
+        run_case(lq, lk, heads[0], heads[1], d, c, causal, window, rw, dtype, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mass_dot", [True, False])
+def test_gpu_fp32_and_variants(mass_dot, monkeypatch):
+    monkeypatch.setattr(TF, "MASS_DOT", mass_dot)
+    run_case([300, 77], [300, 500], 8, 2, 128, 6, True, None, "mixed", torch.float32, device="cuda")
+    run_case([1000, 1], [1000, 1000], 8, 2, 64, 4, True, None, "none", torch.bfloat16, device="cuda")
