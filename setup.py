@@ -14,12 +14,29 @@ def _openmp_flags():
     return ["-fopenmp"], ["-fopenmp"]
 
 
+def _simd_flags():
+    """AVX2 + FMA (and at::vec's AVX2 path) when the build machine has them; plain x86-64-v2 otherwise.
+
+    Set AVAR_CPU_SIMD=generic to build a portable extension on an AVX2 machine.
+    """
+    if os.environ.get("AVAR_CPU_SIMD", "auto") == "generic":
+        return ["-march=x86-64-v2"]
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return ["-march=x86-64-v2"]
+    if " avx2" in flags and " fma" in flags:
+        return ["-march=x86-64-v2", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-march=x86-64-v2"]
+
+
 def cpu_extension():
     cflags, lflags = _openmp_flags()
     return CppExtension(
         name="avar_kernels._C",
         sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", "-march=x86-64-v2", *cflags]},
+        extra_compile_args={"cxx": ["-O3", "-std=c++17", *_simd_flags(), *cflags]},
         extra_link_args=lflags,
     )
 

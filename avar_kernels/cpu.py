@@ -1,0 +1,68 @@
+"""The C++ CPU backend (``avar_kernels._C``): a thin wrapper that follows docs/backends.md.
+
+The kernel itself computes in float32 or float64; fp16 / bf16 inputs are converted to float32 here and
+the outputs cast back (out, dq, dk, dv to the input dtype; lse and mass stay float32).
+"""
+from __future__ import annotations
+
+import torch
+
+_BUILD_HINT = ("the avar-kernels C++ CPU extension (avar_kernels._C) is not built: "
+               "run `pip install -e .` or `python setup.py build_ext --inplace` in the repository root")
+
+try:  # pragma: no cover - depends on the build
+    from avar_kernels import _C  # type: ignore[attr-defined]
+    _IMPORT_ERROR = None
+except ImportError as exc:  # pragma: no cover
+    _C = None
+    _IMPORT_ERROR = exc
+
+
+class CpuExtensionNotBuilt(ImportError):
+    """Raised when the CPU backend is used but the C++ extension is missing."""
+
+
+def is_available() -> bool:
+    """True when the C++ extension is importable."""
+    return _C is not None
+
+
+def _ext():
+    if _C is None:
+        raise CpuExtensionNotBuilt(f"{_BUILD_HINT} (import error: {_IMPORT_ERROR})")
+    return _C
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _to(t, dtype):
+    return None if t is None else t.to(dtype).contiguous()
+
+
+def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
+            num_classes, mul, abs_, add, scale, window_left, window_right):
+    """Packed form -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq], mass [Hq, Tq, C]) (fp32; fp64 for fp64)."""
+    ext = _ext()
+    cdt = _compute_dtype(q.dtype)
+    out, lse, mass = ext.forward(_to(q, cdt), _to(k, cdt), _to(v, cdt), cu_seqlens_q.contiguous(),
+                                 cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
+                                 _to(key_class, torch.int32), _to(query_class, torch.int32), int(num_classes),
+                                 _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
+                                 float(scale), int(window_left), int(window_right))
+    return out.to(q.dtype), lse, mass
+
+
+def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right):
+    """Packed form -> (dq [Tq, Hq, D], dk, dv [Tk, Hk, D]) in the inputs' dtype."""
+    ext = _ext()
+    cdt = _compute_dtype(q.dtype)
+    dq, dk, dv = ext.backward(_to(dout, cdt), _to(dmass, cdt), _to(delta, cdt), _to(q, cdt), _to(k, cdt),
+                              _to(v, cdt), _to(out, cdt), _to(lse, cdt), cu_seqlens_q.contiguous(),
+                              cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
+                              _to(key_class, torch.int32), _to(query_class, torch.int32), int(num_classes),
+                              _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
+                              float(scale), int(window_left), int(window_right))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
