@@ -1,0 +1,2 @@
+def token_classes(*a, **k):
+    raise NotImplementedError
