@@ -151,7 +151,7 @@ def chatml_tokenizer(image_token="<|image_pad|>"):
 
     vocab = {"[UNK]": 0, "\n": NEWLINE}
     words = ["system", "user", "assistant", "You", "are", "a", "helpful", "What", "is", "this", "?", "A", "cat",
-             "dog", "and", "the", "Describe", "image", "It", "USER:", "ASSISTANT:", "chat", "between", "human", "."]
+             "dog", "and", "the", "Describe", "image", "It", "USER:", "ASSISTANT:", "chat", "between", "human", ".", "US", "ER", ":", "ASSIST", "ANT"]
     for w in words:
         vocab[w] = len(vocab)
     specials = {"<|endoftext|>": PAD, "<|im_start|>": IM_START, "<|im_end|>": IM_END,
