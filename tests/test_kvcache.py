@@ -329,3 +329,14 @@ def test_nvcc_check_passes():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "nvcc_check: OK" in proc.stdout, proc.stdout[-2000:]
     assert time.time() - t0 < 300
+
+
+@pytest.mark.slow
+def test_nvcc_check_full_passes():
+    """Every head-dim instantiation for sm_80 and sm_90a (about 80 s on 2 cores)."""
+    if shutil.which("nvcc") is None and not os.path.exists("/usr/local/cuda/bin/nvcc"):
+        pytest.skip("no nvcc on this machine")
+    proc = subprocess.run(["bash", os.path.join(ROOT, ".ci", "nvcc_check.sh")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=900, env={**os.environ, "AVAR_NVCC_CHECK_FULL": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "all head dims" in proc.stdout

@@ -216,8 +216,14 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 
     // Thread roles.
     const int qk_n = tid % TN, qk_g = tid / TN;
+    // O += P V: thread = (column chunk pv_c, group pv_g). With few rows (decode: Sq = 1, a small GQA group) the
+    // groups are split further over the keys of a tile (pv_ks sub-splits, key n handled by sub n % pv_ks); the
+    // sub-split partial sums share every rescaling and are added once after the key loop.
     const int pv_c = tid % Cfg::kChunksX, pv_g = tid / Cfg::kChunksX;
-    const bool pv_active = pv_g < Cfg::kPvGroups;
+    const int pv_ks = Rc >= Cfg::kPvGroups ? 1 : Cfg::kPvGroups / Rc;
+    const int pv_rgs = Cfg::kPvGroups / pv_ks;  // row groups (>= Rc when pv_ks > 1)
+    const bool pv_active = pv_g < pv_rgs * pv_ks;
+    const int pv_rg = pv_g % pv_rgs, pv_sub = pv_g / pv_rgs;
     const int warp = tid / 32, lane = tid % 32;
 
     float o[Cfg::kPvRowsPerThread][8];
@@ -315,7 +321,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         if (pv_active) {
 #pragma unroll
             for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-                const int r = pv_g + i * Cfg::kPvGroups;
+                const int r = pv_rg + i * pv_rgs;
                 if (r < Rc) {
                     const float a = alpha_s[r];
 #pragma unroll
@@ -324,8 +330,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
             }
             const T* vcol = Vs + stage * TN * KST + pv_c * 8;
             const int* kcs = kcls_s + stage * TN;
-#pragma unroll 4
-            for (int n = 0; n < TN; ++n) {
+#pragma unroll 2
+            for (int n = pv_sub; n < TN; n += pv_ks) {
                 float vf[8];
                 if (pv_c < DC) {
                     load8(vcol + n * KST, vf);
@@ -336,7 +342,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
                 }
 #pragma unroll
                 for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-                    const int r = pv_g + i * Cfg::kPvGroups;
+                    const int r = pv_rg + i * pv_rgs;
                     if (r < Rc) {
                         const float pr = Ss[r * SST + n];
 #pragma unroll
@@ -348,11 +354,31 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         __syncthreads();
     }
 
+    // ---- add the key sub-split partial sums (pv_ks > 1 implies one row per thread, i = 0); the K/V tiles are free.
+    if (pv_ks > 1) {
+        constexpr int W = Cfg::kChunksX * 8;
+        float* red = reinterpret_cast<float*>(smem_raw);
+        if (pv_active && pv_sub > 0 && pv_rg < Rc) {
+            float* dst = red + ((pv_sub - 1) * Rc + pv_rg) * W + pv_c * 8;
+#pragma unroll
+            for (int e = 0; e < 8; ++e) dst[e] = o[0][e];
+        }
+        __syncthreads();
+        if (pv_active && pv_sub == 0 && pv_rg < Rc) {
+            for (int sub = 1; sub < pv_ks; ++sub) {
+                const float* src = red + ((sub - 1) * Rc + pv_rg) * W + pv_c * 8;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) o[0][e] += src[e];
+            }
+        }
+    }
+    const bool writer = pv_active && pv_sub == 0;
+
     // ---- finalize: l = sum of the class columns; write normalized out, lse, mass.
-    if (pv_active && pv_c == DC) {
+    if (writer && pv_c == DC) {
 #pragma unroll
         for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-            const int r = pv_g + i * Cfg::kPvGroups;
+            const int r = pv_rg + i * pv_rgs;
             if (r < Rc) {
                 float l = 0.f;
 #pragma unroll
@@ -362,11 +388,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         }
     }
     __syncthreads();
-    if (!pv_active) return;
+    if (!writer) return;
     const int64_t rows_total = int64_t(p.B) * p.Hq * Sq;
 #pragma unroll
     for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-        const int r = pv_g + i * Cfg::kPvGroups;
+        const int r = pv_rg + i * pv_rgs;
         if (r >= Rc) continue;
         const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
         const float l = l_s[r];
