@@ -53,21 +53,26 @@ def _num_heads(lm):
 
 
 class _Forward:
-    """What one forward of the language model hands to its attention calls (``avar_context`` kwarg)."""
+    """What one forward of the language model hands to its attention calls (``avar_context`` kwarg).
 
-    __slots__ = ("ctl", "step")
+    It snapshots the active recorders and interventions, so that the recomputation of a layer under gradient
+    checkpointing (which runs in backward, possibly after the contexts closed) takes the same path."""
+
+    __slots__ = ("ctl", "step", "recorders", "interventions")
 
     def __init__(self, ctl, step):
         self.ctl, self.step = ctl, step
+        self.recorders = tuple(ctl.recorders)
+        self.interventions = tuple(ctl.interventions)
 
     def reweight(self, layer_idx, num_heads, device):
-        return self.ctl.reweight(layer_idx, num_heads, device)
+        return self.ctl.reweight(layer_idx, num_heads, device, self.interventions)
 
     def wants_mass(self, layer_idx):
-        return any(r.wants(layer_idx) for r in self.ctl.recorders)
+        return any(r.wants(layer_idx) for r in self.recorders)
 
     def store(self, layer_idx, mass):
-        for r in self.ctl.recorders:
+        for r in self.recorders:
             if r.wants(layer_idx):
                 r._store(self.step, layer_idx, mass)
 
@@ -138,13 +143,16 @@ class _Controller:
         return args, kwargs
 
     # ---- interventions
-    def reweight(self, layer_idx, num_heads, device):
-        if not self.interventions:
+    def reweight(self, layer_idx, num_heads, device, interventions=None):
+        interventions = tuple(self.interventions) if interventions is None else interventions
+        if not interventions:
             return None
-        key = (layer_idx, num_heads, str(device))
+        key = (layer_idx, num_heads, str(device), tuple(id(iv) for iv in interventions))
         if key not in self._rw_cache:
+            if len(self._rw_cache) > 256:
+                self._rw_cache.clear()
             tabs = {"mul": None, "abs": None, "add": None}
-            for iv in self.interventions:
+            for iv in interventions:
                 for name, t in iv.tables(layer_idx, num_heads).items():
                     if t is not None:
                         tabs[name] = t if tabs[name] is None else tabs[name] + t
