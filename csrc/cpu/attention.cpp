@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -58,10 +59,17 @@ constexpr int64_t kMaxClasses = 8;
 // ----------------------------------------------------------------------------------------------
 // Block sizes (measured on a 2-core AVX2 machine, D = 128, fp32).
 // ----------------------------------------------------------------------------------------------
-constexpr int64_t kFwdQBlock = 64;
-constexpr int64_t kFwdKBlock = 512;
-constexpr int64_t kBwdQBlock = 64;
-constexpr int64_t kBwdKBlock = 128;
+// Overridable for tuning with AVAR_CPU_{FWD,BWD}_{Q,K}BLOCK.
+inline int64_t env_or(const char* name, int64_t dflt) {
+  const char* s = std::getenv(name);
+  if (!s) return dflt;
+  const long v = std::strtol(s, nullptr, 10);
+  return v > 0 ? v : dflt;
+}
+const int64_t kFwdQBlock = env_or("AVAR_CPU_FWD_QBLOCK", 64);
+const int64_t kFwdKBlock = env_or("AVAR_CPU_FWD_KBLOCK", 512);
+const int64_t kBwdQBlock = env_or("AVAR_CPU_BWD_QBLOCK", 64);
+const int64_t kBwdKBlock = env_or("AVAR_CPU_BWD_KBLOCK", 128);
 
 // ----------------------------------------------------------------------------------------------
 // Vectorized helpers.
