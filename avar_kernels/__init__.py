@@ -13,6 +13,7 @@ import torch
 
 from . import _dispatch
 from ._dispatch import AttentionOutput, Reweight
+from .kvcache import attention_with_kvcache
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "Reweight", "AttentionOutput",
            "IMAGE", "SYSTEM", "USER", "RESPONSE", "VIDEO", "OTHER"]
@@ -113,9 +114,3 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         query_class, num_classes, reweight, scale, window_left, window_right, backend)
     return AttentionOutput(out, mass if return_mass and num_classes > 0 else None, lse if return_lse else None)
 
-
-def attention_with_kvcache(*args, **kwargs) -> AttentionOutput:
-    """Decode: a few new query rows against a (paged) KV cache; see :func:`avar_kernels.kvcache.attention_with_kvcache`."""
-    from .kvcache import attention_with_kvcache as impl
-
-    return impl(*args, **kwargs)
