@@ -1,4 +1,8 @@
-"""The C++ CPU backend against the plain-PyTorch reference, at the backend-contract level (packed form)."""
+"""The C++ CPU backend against the plain-PyTorch reference, at the backend-contract level (packed form).
+
+Run also with small blocks to exercise the multi-block paths on short sequences:
+    AVAR_CPU_FWD_QBLOCK=16 AVAR_CPU_FWD_KBLOCK=32 AVAR_CPU_BWD_QBLOCK=16 AVAR_CPU_BWD_KBLOCK=32 pytest tests/test_cpu_backend.py
+"""
 import math
 
 import pytest
@@ -71,6 +75,8 @@ CASES = [
     ([(45, 60)], 4, 2, 64, 8, "mixed", -1, -1),
     ([(200, 300), (130, 130)], 2, 1, 64, 3, "mixed", -1, 0),
     ([(100, 80)], 2, 2, 32, 3, None, 3, 2),  # rows that see nothing
+    ([(1000, 1000)], 2, 1, 64, 3, "mixed", -1, 0),  # several q and k blocks at the default block sizes
+    ([(600, 1100)], 2, 2, 32, 8, "mixed", 300, 40),
 ]
 
 

@@ -66,9 +66,9 @@ inline int64_t env_or(const char* name, int64_t dflt) {
   const long v = std::strtol(s, nullptr, 10);
   return v > 0 ? v : dflt;
 }
-const int64_t kFwdQBlock = env_or("AVAR_CPU_FWD_QBLOCK", 64);
+const int64_t kFwdQBlock = env_or("AVAR_CPU_FWD_QBLOCK", 256);
 const int64_t kFwdKBlock = env_or("AVAR_CPU_FWD_KBLOCK", 512);
-const int64_t kBwdQBlock = env_or("AVAR_CPU_BWD_QBLOCK", 64);
+const int64_t kBwdQBlock = env_or("AVAR_CPU_BWD_QBLOCK", 128);
 const int64_t kBwdKBlock = env_or("AVAR_CPU_BWD_KBLOCK", 128);
 
 // ----------------------------------------------------------------------------------------------
