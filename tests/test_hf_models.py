@@ -148,3 +148,46 @@ def test_from_pretrained_with_dict(tmp_path):
     with torch.no_grad():
         valid = kw["attention_mask"].bool()
         torch.testing.assert_close(m2.eval()(**kw).logits[valid], m(**kw).logits[valid], atol=2e-5, rtol=1e-4)
+
+
+class _Mod(torch.nn.Module):
+    is_causal = True
+    layer_idx = 0
+    num_key_value_groups = 2
+
+
+def _eager(q, k, v, mask, scale):
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+    v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    p = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    return (p @ v).transpose(1, 2)
+
+
+def test_custom_mask_uses_fallback_with_warning():
+    from avar_kernels.hf import attention as A
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 9, 8, generator=g) for n in (4, 2, 2))
+    mask = torch.rand(2, 1, 9, 9, generator=g) > 0.4
+    mask |= torch.eye(9, dtype=torch.bool)
+    A._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="fallback"):
+        out, w = ah.avar_attention(_Mod(), q, k, v, mask, scaling=0.3)
+    assert w is None and out.shape == (2, 9, 4, 8)
+    torch.testing.assert_close(out, _eager(q, k, v, mask, 0.3), atol=1e-5, rtol=1e-4)
+
+
+def test_decode_mask_with_left_padding_compiles_to_varlen():
+    from avar_kernels.hf import attention as A
+
+    g = torch.Generator().manual_seed(1)
+    sk, sq = 10, 2
+    q = torch.randn(2, 4, sq, 8, generator=g)
+    k, v = (torch.randn(2, 2, sk, 8, generator=g) for _ in range(2))
+    pos = torch.arange(sk)
+    mask = (pos[None, :] <= (pos[sk - sq:, None]))[None, None].repeat(2, 1, 1, 1)
+    mask[1, :, :, :3] = False                     # row 1: three left-pad keys
+    plan = A.compile_mask(mask, sq, sk, True, None)
+    assert plan.kind == "varlen" and plan.cu_k.tolist() == [0, 10, 13, 20] and plan.cu_q.tolist() == [0, 2, 2, 4]
+    out, _ = ah.avar_attention(_Mod(), q, k, v, mask, scaling=0.25)
+    torch.testing.assert_close(out, _eager(q, k, v, mask, 0.25), atol=1e-5, rtol=1e-4)

@@ -110,8 +110,6 @@ def _compile_mask(mask, sq, sk, causal, window_left):
     q_valid = real[:, off:]
     if not bool(((same == m) | ~q_valid[:, :, None]).all()):
         return _Plan("fallback")
-    if not causal and not bool(q_valid.all()) and window_left is None:
-        pass  # a non-causal segment of padding tokens is harmless: its rows are zeroed below
     # cu_seqlens over the rows laid end to end
     nseg = seg[:, -1] + 1                                     # [B]
     lens_k, lens_q = [], []
