@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import (INTERPRET, LOG2E, _col_ranges, _load_rows, _reweight, _row_ranges, _visible, class_pad,
-                  dot_precision)
+from .fwd import (INTERPRET, LOG2E, _col_ranges, _load_rows, _reweight, _row_ranges, _visible, cfgs, class_pad,
+                  dot_precision, head_class, tune_count)
 from . import fwd as _fwd_mod
 
 
@@ -80,7 +80,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      stride_lh, stride_dmh,
-                     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                      C: tl.constexpr, CP: tl.constexpr,
                      HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                      HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
@@ -206,7 +206,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
                    scale, qk_scale, wl, wr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh,
-                   GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    C: tl.constexpr, CP: tl.constexpr,
                    HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
@@ -281,41 +281,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-def _cfgs(rows):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in rows]
-
-
-def _dkdv_configs(bd):
+def _dkdv_configs(cls, prec):
     # (BLOCK_M = query rows per step, BLOCK_N = keys owned by the program)
-    if bd <= 64:
-        return _cfgs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
-    if bd <= 128:
-        return _cfgs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)])
-    return _cfgs([(32, 64, 4, 2), (64, 64, 8, 2), (16, 64, 4, 2), (32, 32, 4, 2)])
+    if prec == "ieee":
+        return cfgs([(32, 64, 4, 2), (32, 32, 4, 2)] if cls <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2)])
+    if cls <= 64:
+        return cfgs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
+    if cls <= 128:
+        return cfgs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)])
+    return cfgs([(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)])
 
 
-def _dq_configs(bd):
-    if bd <= 64:
-        return _cfgs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-    if bd <= 128:
-        return _cfgs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)])
-    return _cfgs([(64, 32, 4, 2), (64, 64, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2)])
+def _dq_configs(cls, prec):
+    if prec == "ieee":
+        return cfgs([(64, 32, 4, 2), (32, 32, 4, 2)] if cls <= 128 else [(32, 16, 4, 2), (32, 32, 4, 2)])
+    if cls <= 64:
+        return cfgs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
+    if cls <= 128:
+        return cfgs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)])
+    return cfgs([(64, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)])
 
 
-_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC", "GROUP"]
+_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC"]
 _tuned = {}
 
 
-def _get(kind, bd):
+def _get(kind, bd, prec):
     if INTERPRET:
         return _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
-    cls = 64 if bd <= 64 else (128 if bd <= 128 else 256)
-    key = (kind, cls)
+    key = (kind, head_class(bd), prec, tune_count())
     if key not in _tuned:
-        if kind == "dkdv":
-            _tuned[key] = triton.autotune(configs=_dkdv_configs(cls), key=_KEY)(_bwd_dkdv_kernel)
-        else:
-            _tuned[key] = triton.autotune(configs=_dq_configs(cls), key=_KEY)(_bwd_dq_kernel)
+        fn, cf = (_bwd_dkdv_kernel, _dkdv_configs) if kind == "dkdv" else (_bwd_dq_kernel, _dq_configs)
+        _tuned[key] = triton.autotune(configs=cf(head_class(bd), prec), key=_KEY)(fn)
     return _tuned[key]
 
 
@@ -360,13 +357,13 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     scalars = (float(scale), float(scale) * LOG2E, int(window_left), int(window_right))
 
     if tk > 0:
-        _get("dkdv", bd)[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
+        _get("dkdv", bd, prec)[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
             q, k, v, dout, lse, delta, dm, dk, dv, *ptrs, *scalars,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             lse.stride(0), dm_stride, **common)
     if tq > 0:
-        _get("dq", bd)[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
+        _get("dq", bd, prec)[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
             q, k, v, dout, lse, delta, dm, dq, *ptrs, *scalars,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), dm_stride, **common)

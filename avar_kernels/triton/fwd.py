@@ -178,7 +178,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
                 qk_scale, wl, wr,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 stride_lh, stride_mh,
-                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 C: tl.constexpr, CP: tl.constexpr,
                 HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                 HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
@@ -260,36 +260,44 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-def _fwd_configs():
-    cfgs = []
-    for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3),
-                         (128, 32, 4, 3), (64, 32, 4, 2)]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s))
-    return cfgs
+# Autotuning: AVAR_TRITON_AUTOTUNE=full tries every listed config, =0 only the first (no tuning), default the
+# first two (the compile of one config is seconds, and each key - head dim class, classes, reweight, window,
+# GQA group, precision - is tuned once per process).
+def tune_count() -> int:
+    mode = os.environ.get("AVAR_TRITON_AUTOTUNE", "2").lower()
+    return {"full": 99, "0": 1, "off": 1, "1": 1}.get(mode, 2 if not mode.isdigit() else max(1, int(mode)))
 
 
-def _prune_fwd(bd):
-    # Keep a small, head-dim-appropriate set: autotuning is a one-off cost per key but must stay short.
-    if bd <= 64:
-        keep = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
-    elif bd <= 128:
-        keep = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
-    else:
-        keep = [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in keep]
+def cfgs(rows):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in rows[:tune_count()]]
 
 
-_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC", "GROUP"]
+def head_class(bd: int) -> int:
+    return 64 if bd <= 64 else (128 if bd <= 128 else 256)
+
+
+def _fwd_configs(cls, prec):
+    if prec == "ieee":  # fp32: CUDA-core products, small tiles (a rare path; keeps compiles short)
+        return cfgs([(64, 32, 4, 2), (32, 32, 4, 2)] if cls <= 128 else [(32, 32, 4, 2), (16, 32, 4, 2)])
+    if cls <= 64:
+        return cfgs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)])
+    if cls <= 128:
+        return cfgs([(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)])
+    return cfgs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)])
+
+
+_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC"]
 _fwd_tuned = {}
 
 
-def _get_fwd(bd):
+def _get_fwd(bd, prec):
     if INTERPRET:
         return _fwd_kernel
-    cls = 64 if bd <= 64 else (128 if bd <= 128 else 256)
-    if cls not in _fwd_tuned:
-        _fwd_tuned[cls] = triton.autotune(configs=_prune_fwd(cls), key=_KEY)(_fwd_kernel)
-    return _fwd_tuned[cls]
+    key = (head_class(bd), prec, tune_count())
+    if key not in _fwd_tuned:
+        _fwd_tuned[key] = triton.autotune(configs=_fwd_configs(*key[:2]), key=_KEY)(_fwd_kernel)
+    return _fwd_tuned[key]
 
 
 INTERPRET_BLOCKS = (16, 16)
@@ -318,7 +326,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         MASS_DOT=mass_dot, PREC=dot_precision(q.dtype))
     if INTERPRET:
         kwargs.update(BLOCK_M=INTERPRET_BLOCKS[0], BLOCK_N=INTERPRET_BLOCKS[1])
-    kern = _get_fwd(bd)
+    kern = _get_fwd(bd, kwargs["PREC"])
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)
