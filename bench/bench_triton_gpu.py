@@ -144,7 +144,7 @@ def build(method, q, k, v, kcls, mul, causal):
         return run, (qt, kt, vt)
 
     if method in ("flex", "flex_mass_rw"):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import create_block_mask
         flex_c = _compiled_flex()
         bm = None
         if causal:
