@@ -176,8 +176,8 @@ def main():
              "(memory: lower is better; `eager/avar` is how many times more the published way needs).", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}. "
              f"Command: `python bench/bench_hf.py --device {args.device} --seq {' '.join(map(str, seqs))} "
-             f"--reps {args.reps} --intermediate {args.intermediate}` (time: median of the steps after "
-             f"{'one warm-up step' if args.reps else 'no warm-up: the single, first step'}).", "",
+             f"--reps {args.reps} --intermediate {args.intermediate}` (time: "
+             f"{'median of the steps after one warm-up step' if args.reps else 'the single, first step'}).", "",
              "| S | variant | time (s) | peak (GiB) | act (GiB) |", "|---|---|---|---|---|"]
     for s in seqs:
         for v in args.variants:
