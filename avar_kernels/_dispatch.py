@@ -141,12 +141,23 @@ def check_classes(name, cls, shape, device):
         raise ValueError(f"{name}: expected device {device}, got {cls.device}")
 
 
-def check_class_range(name, cls, num_classes):
+def check_class_range(name, cls, num_classes, what="class ids"):
     if cls.numel() == 0:
         return
     lo, hi = int(cls.min()), int(cls.max())
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{name}: class ids must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]")
+        raise ValueError(f"{name}: {what} must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]")
+
+
+def resolve_num_classes(num_classes, reweight, key_classes):
+    """num_classes as given, else the reweight tables' size, else ``key_classes.max() + 1``; checked."""
+    if num_classes is None and reweight is not None and reweight.num_classes:
+        num_classes = reweight.num_classes
+    if num_classes is None:
+        num_classes = int(key_classes.max()) + 1 if key_classes.numel() else 1
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes: expected an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+    return num_classes
 
 
 def check_cu_seqlens(name, cu, total, device, batch=None):
@@ -196,7 +207,7 @@ def pick_backend(backend, device, dtype):
         if device.type == "cpu":
             if _backend_module("cpu").is_available():
                 return "cpu"
-            _warn_once("avar_kernels: the C++ CPU kernels are not built (pip install -e .); "
+            warn_once("avar_kernels: the C++ CPU kernels are not built (pip install -e .); "
                        "falling back to the slow reference backend")
             return "reference"
         if device.type == "cuda":
@@ -217,10 +228,11 @@ def pick_backend(backend, device, dtype):
     return backend
 
 
-_WARNED = set()
+_WARNED = set()  # messages already warned about (tests clear it)
 
 
-def _warn_once(msg):
+def warn_once(msg):
+    """One RuntimeWarning per distinct message per process."""
     if msg not in _WARNED:
         _WARNED.add(msg)
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
@@ -340,12 +352,7 @@ def resolve_classes(key_class, query_class, num_classes, reweight, kv_len_shape,
             raise ValueError("reweight needs key_class (and query_class) to know each token's class")
         return None, None, 0
     check_classes("key_class", key_class, kv_len_shape, device)
-    if num_classes is None:
-        num_classes = reweight.num_classes if reweight is not None and reweight.num_classes else None
-    if num_classes is None:
-        num_classes = int(key_class.max()) + 1 if key_class.numel() else 1
-    if not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes: expected an int in [1, {MAX_CLASSES}], got {num_classes!r}")
+    num_classes = resolve_num_classes(num_classes, reweight, key_class)
     check_class_range("key_class", key_class, num_classes)
     if query_class is None:
         query_class = default_query_class()

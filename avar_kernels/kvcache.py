@@ -11,8 +11,6 @@ it gathers each sequence's valid keys into the packed varlen form and calls
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from . import _dispatch
@@ -27,7 +25,6 @@ _FORCE_SPLITS = 0
 
 _CUDA_MODULE = None
 _CUDA_ERROR = None
-_WARNED = set()
 
 
 def _cuda_module():
@@ -55,12 +52,6 @@ def _cuda_unavailable_reason() -> str:
                 f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}); reinstall with "
                 f"`pip install -e .` on a CUDA machine ({_CUDA_ERROR})")
     return "no CUDA device is available"
-
-
-def _warn_once(msg):
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
 # ----------------------------------------------------------------------------------------------- checks
@@ -153,18 +144,8 @@ def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlen
                          f"{longest}), got {list(key_class.shape)}")
     valid = torch.arange(key_class.shape[1], device=device)[None, :] < cache_seqlens.long()[:, None]
     vals = key_class[valid]
-    if num_classes is None:
-        num_classes = reweight.num_classes if reweight is not None and reweight.num_classes else None
-    if num_classes is None:
-        num_classes = int(vals.max()) + 1 if vals.numel() else 1
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or \
-            not 1 <= num_classes <= _dispatch.MAX_CLASSES:
-        raise ValueError(f"num_classes: expected an int in [1, {_dispatch.MAX_CLASSES}], got {num_classes!r}")
-    if vals.numel():
-        lo, hi = int(vals.min()), int(vals.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"key_class: class ids of the valid keys must lie in [0, num_classes={num_classes}); "
-                             f"found values in [{lo}, {hi}]")
+    num_classes = _dispatch.resolve_num_classes(num_classes, reweight, vals)
+    _dispatch.check_class_range("key_class", vals, num_classes, what="class ids of the valid keys")
     if query_class is None:
         # the classes of the last Sq valid positions (the new rows); empty sequences get class 0
         pos = (cache_seqlens.long()[:, None] - sq + torch.arange(sq, device=device)[None, :]).clamp(min=0)
@@ -174,11 +155,7 @@ def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlen
         _check_int_tensor("query_class", query_class, device)
         if tuple(query_class.shape) != (b, sq):
             raise ValueError(f"query_class: expected shape [{b}, {sq}], got {list(query_class.shape)}")
-        if query_class.numel():
-            lo, hi = int(query_class.min()), int(query_class.max())
-            if lo < 0 or hi >= num_classes:
-                raise ValueError(f"query_class: class ids must lie in [0, num_classes={num_classes}); found values "
-                                 f"in [{lo}, {hi}]")
+        _dispatch.check_class_range("query_class", query_class, num_classes)
     return key_class.to(torch.int32), query_class.to(torch.int32).contiguous(), num_classes
 
 
@@ -196,7 +173,7 @@ def _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_
     if not _vec_ok(q):
         q = q.contiguous()
     if not (_vec_ok(k_cache) and _vec_ok(v_cache)):
-        _warn_once("attention_with_kvcache: k_cache/v_cache are not laid out for 128-bit loads (contiguous head "
+        _dispatch.warn_once("attention_with_kvcache: k_cache/v_cache are not laid out for 128-bit loads (contiguous head "
                    "dim, strides multiple of 8); copying them each call")
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     if key_class is not None and key_class.stride(-1) != 1:
@@ -312,7 +289,7 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
                                    num_classes, tables, scale, causal)
     else:
         if backend == "auto" and q.device.type == "cuda" and _cuda_module() is None:
-            _warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")
+            _dispatch.warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")
         out, lse, mass = _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class,
                                        query_class, num_classes, causal, scale, reweight, backend)
     return AttentionOutput(out, mass.contiguous() if return_mass and num_classes > 0 and mass is not None else None,

@@ -30,23 +30,14 @@ of :mod:`avar_kernels.hf.record` on the language model: ``avar_classes`` (int ``
 """
 from __future__ import annotations
 
-import warnings
 import weakref
 
 import torch
 
 import avar_kernels
+from avar_kernels._dispatch import warn_once
 
 NUM_CLASSES = 6
-_WARNED = set()
-
-
-def _warn_once(msg):
-    if msg not in _WARNED:
-        _WARNED.add(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
-
-
 # ----------------------------------------------------------------------------------------- mask compiling
 
 class _Plan:
@@ -253,7 +244,7 @@ def avar_attention(module, query, key, value, attention_mask, scaling=None, drop
             if mass is not None:
                 mass = mass * keep[:, None, :, None]
     else:
-        _warn_once("avar: the attention mask is not a padding/packing/causal/sliding-window mask; using the "
+        warn_once("avar: the attention mask is not a padding/packing/causal/sliding-window mask; using the "
                    "materializing PyTorch fallback (O(S^2) memory)")
         out, mass = masked_attention(q, k, v, mask[:, 0], kcls, qcls, reweight, scale, NUM_CLASSES)
     if want_mass and mass is not None:
