@@ -46,11 +46,14 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     """Packed form -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq], mass [Hq, Tq, C]) (fp32; fp64 for fp64)."""
     ext = _ext()
     cdt = _compute_dtype(q.dtype)
-    out, lse, mass = ext.forward(_to(q, cdt), _to(k, cdt), _to(v, cdt), cu_seqlens_q.contiguous(),
-                                 cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
-                                 _to(key_class, torch.int32), _to(query_class, torch.int32), int(num_classes),
-                                 _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
-                                 float(scale), int(window_left), int(window_right))
+    tq, hq = q.shape[0], q.shape[1]
+    out = torch.empty(q.shape, dtype=cdt)
+    lse = torch.empty(hq, tq, dtype=cdt)
+    mass = torch.empty(hq, tq, num_classes, dtype=cdt)
+    ext.forward(_to(q, cdt), _to(k, cdt), _to(v, cdt), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
+                int(max_seqlen_q), int(max_seqlen_k), _to(key_class, torch.int32), _to(query_class, torch.int32),
+                int(num_classes), _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
+                float(scale), int(window_left), int(window_right), out, lse, mass)
     return out.to(q.dtype), lse, mass
 
 

@@ -178,7 +178,7 @@ def test_custom_mask_uses_fallback_with_warning():
 
 
 def test_decode_mask_with_left_padding_compiles_to_varlen():
-    from avar_kernels import _dispatch
+    from avar_kernels.hf import attention as A
 
     g = torch.Generator().manual_seed(1)
     sk, sq = 10, 2
@@ -191,3 +191,28 @@ def test_decode_mask_with_left_padding_compiles_to_varlen():
     assert plan.kind == "varlen" and plan.cu_k.tolist() == [0, 10, 13, 20] and plan.cu_q.tolist() == [0, 2, 2, 4]
     out, _ = ah.avar_attention(_Mod(), q, k, v, mask, scaling=0.25)
     torch.testing.assert_close(out, _eager(q, k, v, mask, 0.25), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+def test_generate_on_gpu_uses_decode_kernel(monkeypatch):
+    from avar_kernels import kvcache
+
+    if not kvcache.cuda_available():
+        pytest.fail("the CUDA decode extension is not built (pip install -e . on the GPU machine)")
+    calls = []
+    run_cuda = kvcache._run_cuda
+    monkeypatch.setattr(kvcache, "_run_cuda", lambda *a, **kw: calls.append(1) or run_cuda(*a, **kw))
+    ms, mk = models("qwen2_5_vl")
+    kw = {n: t.cuda() for n, t in mk(rows_for(mk)[:1]).items()}
+    avar, sdpa = (ms[i].to("cuda", torch.float16) for i in ("avar", "sdpa"))
+    with torch.no_grad():
+        gen = avar.generate(**kw, max_new_tokens=5, do_sample=False, min_new_tokens=5, output_scores=True,
+                            return_dict_in_generate=True)
+        assert calls, "the decode steps did not reach the CUDA kernel"
+        # Each step's logits must match one cache-free sdpa forward over the generated sequence.
+        full = dict(kw, input_ids=gen.sequences, attention_mask=torch.ones_like(gen.sequences))
+        full["mm_token_type_ids"] = (gen.sequences == mk.image_id).long()
+        logits = sdpa(**full).logits.float()
+    start = kw["input_ids"].shape[1] - 1
+    for i, step in enumerate(gen.scores):
+        torch.testing.assert_close(step.float(), logits[:, start + i], atol=3e-2, rtol=3e-2)

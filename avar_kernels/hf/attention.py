@@ -35,6 +35,7 @@ import weakref
 import torch
 
 import avar_kernels
+from avar_kernels import kvcache
 from avar_kernels._dispatch import warn_once
 
 NUM_CLASSES = 6
@@ -166,6 +167,13 @@ def masked_attention(q, k, v, mask, key_class, query_class, reweight, scale, num
 
 # ----------------------------------------------------------------------------------------- the function
 
+def _use_decode_kernel(q, sq, sk, causal, window):
+    """Decode-shaped, unmasked, causal, no gradient, on a GPU with the CUDA decode extension built."""
+    return (q.is_cuda and causal and window is None and sq <= kvcache.CUDA_MAX_SQ and sq < sk
+            and q.shape[-1] in kvcache.CUDA_HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
+            and not torch.is_grad_enabled() and kvcache.cuda_available())
+
+
 def avar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function (registered as ``"avar"``): see the module docstring."""
     if dropout and module.training:
@@ -222,7 +230,14 @@ def avar_attention(module, query, key, value, attention_mask, scaling=None, drop
         plan = compile_mask(mask, sq, sk, causal, wl)
 
     mass = None
-    if plan is None:
+    if plan is None and _use_decode_kernel(q, sq, sk, causal, window):
+        # Generation step on a GPU: the split-KV CUDA kernel reads the cache once for all heads of a group.
+        res = avar_kernels.attention_with_kvcache(
+            q, k, v, torch.full((b,), sk, dtype=torch.int32, device=q.device), kcls, query_class=qcls,
+            num_classes=NUM_CLASSES if need_classes else None, causal=True, softmax_scale=scale, reweight=reweight,
+            return_mass=want_mass)
+        out, mass = res.out, res.mass
+    elif plan is None:
         res = avar_kernels.attention(q, k, v, kcls, query_class=qcls,
                                      num_classes=NUM_CLASSES if need_classes else None, causal=causal,
                                      softmax_scale=scale, window=window, reweight=reweight,

@@ -552,7 +552,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& query_class, int64_t num_classes,
                                 const c10::optional<at::Tensor>& mul, const c10::optional<at::Tensor>& abs_,
                                 const c10::optional<at::Tensor>& add, double scale, int64_t window_left,
-                                int64_t window_right) {
+                                int64_t window_right, at::Tensor out, at::Tensor lse, at::Tensor mass) {
+  // The outputs are allocated by the caller (torch.empty in Python), so tests can poison them with NaN
+  // and catch any element the kernel forgets to write.
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   TORCH_CHECK(q.device().is_cpu(), "avar cpu: tensors must be on the CPU");
@@ -563,9 +565,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   Problem P = make_problem(qc, kc, cu_seqlens_q, cu_seqlens_k, key_class, query_class, num_classes, mul, abs_, add,
                            scale, window_left, window_right);
   const int64_t Tq = qc.size(0);
-  auto out = at::empty_like(qc);
-  auto lse = at::empty({P.hq, Tq}, qc.options());
-  auto mass = at::empty({P.hq, Tq, num_classes}, qc.options());
+  TORCH_CHECK(out.sizes() == qc.sizes() && out.scalar_type() == qc.scalar_type() && out.is_contiguous(),
+              "avar cpu: out must be a contiguous tensor like q");
+  TORCH_CHECK(lse.sizes() == at::IntArrayRef({P.hq, Tq}) && lse.scalar_type() == qc.scalar_type() &&
+                  lse.is_contiguous(), "avar cpu: lse must be a contiguous [Hq, Tq] tensor of q's dtype");
+  TORCH_CHECK(mass.sizes() == at::IntArrayRef({P.hq, Tq, num_classes}) && mass.scalar_type() == qc.scalar_type() &&
+                  mass.is_contiguous(), "avar cpu: mass must be a contiguous [Hq, Tq, C] tensor of q's dtype");
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "avar_cpu_forward", [&] {
     forward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(), Tq);
@@ -623,11 +628,11 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "avar-kernels CPU backend: fused attention with per-class attention mass and re-weighting";
-  m.def("forward", &avar::forward, "fused attention forward (packed layout) -> (out, lse, mass)",
+  m.def("forward", &avar::forward, "fused attention forward (packed layout), writes out, lse, mass; returns them",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("key_class"), py::arg("query_class"),
         py::arg("num_classes"), py::arg("mul"), py::arg("abs_"), py::arg("add"), py::arg("scale"),
-        py::arg("window_left"), py::arg("window_right"));
+        py::arg("window_left"), py::arg("window_right"), py::arg("out"), py::arg("lse"), py::arg("mass"));
   m.def("backward", &avar::backward, "fused attention backward (packed layout) -> (dq, dk, dv)", py::arg("dout"),
         py::arg("dmass"), py::arg("delta"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
