@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+from . import cpu, reference
+
 MAX_CLASSES = 8
 MAX_HEAD_DIM = 256
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -142,7 +144,8 @@ def check_classes(name, cls, shape, device):
 
 
 def check_class_range(name, cls, num_classes, what="class ids"):
-    if cls.numel() == 0:
+    # Reading the ids back is a host sync that torch.compile cannot trace: the check runs in eager calls only.
+    if cls.numel() == 0 or torch.compiler.is_compiling():
         return
     lo, hi = int(cls.min()), int(cls.max())
     if lo < 0 or hi >= num_classes:
@@ -154,6 +157,8 @@ def resolve_num_classes(num_classes, reweight, key_classes):
     if num_classes is None and reweight is not None and reweight.num_classes:
         num_classes = reweight.num_classes
     if num_classes is None:
+        if torch.compiler.is_compiling():
+            raise ValueError("num_classes: required under torch.compile (inferring it reads the class ids back)")
         num_classes = int(key_classes.max()) + 1 if key_classes.numel() else 1
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(f"num_classes: expected an int in [1, {MAX_CLASSES}], got {num_classes!r}")
@@ -238,9 +243,16 @@ def warn_once(msg):
         warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
 
+# The CPU backends are imported up front (cheap) so that torch.compile never traces an import; triton is
+# imported on first use, which is always an eager CUDA call or an earlier trace.
+_BACKEND_MODULES = {"reference": reference, "cpu": cpu}
+
+
 def _backend_module(name):
-    return importlib.import_module({"reference": "avar_kernels.reference", "cpu": "avar_kernels.cpu",
-                                    "triton": "avar_kernels.triton"}[name])
+    mod = _BACKEND_MODULES.get(name)
+    if mod is None:
+        mod = _BACKEND_MODULES[name] = importlib.import_module("avar_kernels." + name)
+    return mod
 
 
 # ------------------------------------------------------------------------- custom ops (fused backends)

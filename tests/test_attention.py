@@ -134,15 +134,21 @@ def test_gradcheck_float64(what):
 
 def test_torch_compile_has_no_graph_break():
     gen = torch.Generator().manual_seed(12)
-    q, k, v, kc = padded_inputs(1, 16, 16, 2, 2, 32, 2, gen)
+    q, k, v, kc = padded_inputs(1, 16, 16, 4, 2, 32, 3, gen)
+    rw = random_reweight("vaf", 4, 3, gen)
 
     def fn(q, k, v):
-        return ak._dispatch._attention_fwd(q[0], k[0], v[0], torch.tensor([0, 16], dtype=torch.int32),
-                                           torch.tensor([0, 16], dtype=torch.int32), 16, 16,
-                                           kc[0].int(), kc[0].int(), 2, None, None, None, 0.25, -1, 0, BACKEND)
+        res = ak.attention(q, k, v, kc, num_classes=3, causal=True, reweight=rw, return_lse=True, backend=BACKEND)
+        return res.out.sum() + res.mass[..., 1].sum() + res.lse.sum()
 
-    compiled = torch.compile(fn, fullgraph=True, backend="eager")
-    for a, b in zip(compiled(q, k, v), fn(q, k, v)):
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    grads = []
+    for f in (compiled, fn):
+        qq, kk, vv = (t.clone().requires_grad_(True) for t in (q, k, v))
+        loss = f(qq, kk, vv)
+        loss.backward()
+        grads.append((loss.detach(), qq.grad, kk.grad, vv.grad))
+    for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
 
 
