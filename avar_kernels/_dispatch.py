@@ -354,14 +354,19 @@ def attention_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     return _attention_fwd(*args, backend)
 
 
+def check_no_classes(query_class, reweight):
+    """Without key classes there can be neither query classes nor an active re-weighting."""
+    if query_class is not None:
+        raise ValueError("query_class was given without key_class")
+    if reweight is not None and not reweight.is_identity:
+        raise ValueError("reweight needs key_class (and query_class) to know each token's class")
+
+
 def resolve_classes(key_class, query_class, num_classes, reweight, kv_len_shape, q_len_shape, device,
                     default_query_class):
     """Checks the class tensors and returns (key_class, query_class, num_classes); classes may be None."""
     if key_class is None:
-        if query_class is not None:
-            raise ValueError("query_class was given without key_class")
-        if reweight is not None and not reweight.is_identity:
-            raise ValueError("reweight needs key_class (and query_class) to know each token's class")
+        check_no_classes(query_class, reweight)
         return None, None, 0
     check_classes("key_class", key_class, kv_len_shape, device)
     num_classes = resolve_num_classes(num_classes, reweight, key_class)

@@ -132,10 +132,7 @@ def _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table):
 def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlens, lens, b, sq, sk_max, device):
     """Returns (key_class [B, L] int32 or None, query_class [B, Sq] int32 or None, num_classes)."""
     if key_class is None:
-        if query_class is not None:
-            raise ValueError("query_class was given without key_class")
-        if reweight is not None and not reweight.is_identity:
-            raise ValueError("reweight needs key_class (and query_class) to know each token's class")
+        _dispatch.check_no_classes(query_class, reweight)
         return None, None, 0
     _check_int_tensor("key_class", key_class, device)
     longest = max(lens) if lens else 0
