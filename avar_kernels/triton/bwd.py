@@ -13,9 +13,32 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import (INTERPRET, LOG2E, _col_ranges, _load_rows, _reweight, _row_ranges, _visible, cfgs, class_pad,
-                  dot_precision, head_class, tune_count)
+from .fwd import (INTERPRET, LOG2E, _col_ranges, _load_tile, _row_ranges, _scores, cfgs, class_pad, dot_precision,
+                  head_class, tune_count)
 from . import fwd as _fwd_mod
+
+
+@triton.jit
+def _row_stats(LSE_h, DELTA_h, rows, rmask):
+    """Per query row: the forward's log-sum-exp in log2 units (+inf for empty rows, so P = 0) and delta."""
+    lse = tl.load(LSE_h + rows, mask=rmask, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    di = tl.load(DELTA_h + rows, mask=rmask, other=0.0)
+    return lse2, di
+
+
+@triton.jit
+def _reweight_grad(ds, s, idx, MUL_h, ABS_h, HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+    """dZ = dZ' (1 + MUL + ABS sign(s)): chain rule through the reweight (ADD has no effect on the slope)."""
+    if HAS_RW:
+        fac = 1.0
+        if HAS_MUL:
+            fac += tl.load(MUL_h + idx)
+        if HAS_ABS:
+            sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+            fac += tl.load(ABS_h + idx) * sgn
+        ds = ds * fac
+    return ds
 
 
 @triton.jit
@@ -32,23 +55,16 @@ def _bwd_dkdv_inner(dk, dv, k, v, onehot, kcls, h, start, nblocks,
         rows = start + b * BLOCK_M + offs_m
         rmask = rows < sq
         g_rows = (q_start + rows).to(tl.int64)
-        q = _load_rows(Q + g_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :], rmask, offs_d,
-                       MASKED, HEAD_DIM, BLOCK_D)
-        do = _load_rows(DO + g_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :], rmask, offs_d,
-                        MASKED, HEAD_DIM, BLOCK_D)
-        lse = tl.load(LSE + h * stride_lh + q_start + rows, mask=rmask, other=float("-inf"))
-        lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        di = tl.load(DELTA + h * stride_lh + q_start + rows, mask=rmask, other=0.0)
-        qkT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-        sT = qkT * qk_scale
-        zT = sT
+        q = _load_tile(Q + h * stride_qh, g_rows, stride_qt, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        do = _load_tile(DO + h * stride_doh, g_rows, stride_dot, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
         if HAS_RW:
             qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)
-            idx = qcls[None, :] * C + kcls[:, None]
-            zT = _reweight(sT, idx, MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
-        if MASKED:
-            vis = _visible(rows[None, :], offs_n[:, None], sq, sk, wl, wr, HAS_WL, HAS_WR)
-            zT = tl.where(vis, zT, float("-inf"))
+        else:
+            qcls = rows
+        idx = qcls[None, :] * C + kcls[:, None]
+        sT, zT = _scores(k, q, idx, rows[None, :], offs_n[:, None], sq, sk, wl, wr, qk_scale,  # [BLOCK_N, BLOCK_M]
+                         MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)
         pT = tl.math.exp2(zT - lse2[None, :])
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
@@ -61,15 +77,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, onehot, kcls, h, start, nblocks,
                 for c in tl.static_range(C):
                     dmc = tl.load(DMASS + h * stride_dmh + g_rows * C + c, mask=rmask, other=0.0)
                     dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
-        dsT = pT * (dpT - di[None, :])
-        if HAS_RW:
-            fac = 1.0
-            if HAS_MUL:
-                fac += tl.load(MUL_h + idx)
-            if HAS_ABS:
-                sgn = tl.where(sT > 0, 1.0, tl.where(sT < 0, -1.0, 0.0))
-                fac += tl.load(ABS_h + idx) * sgn
-            dsT = dsT * fac
+        dsT = _reweight_grad(pT * (dpT - di[None, :]), sT, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
@@ -104,10 +112,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
     mask_n = offs_n < sk
     mask_d = offs_d < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)
-    k = tl.load(K + k_rows[:, None] * stride_kt + hk * stride_kh + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
-    v = tl.load(V + k_rows[:, None] * stride_vt + hk * stride_vh + offs_d[None, :],
-                mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+    k = _load_tile(K + hk * stride_kh, k_rows, stride_kt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)
+    v = _load_tile(V + hk * stride_vh, k_rows, stride_vt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)
     if HAS_CLASSES:
         kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)
         onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)
@@ -163,21 +169,15 @@ def _bwd_dq_inner(dq, q, do, lse2, di, dm, qcls, start, nblocks,
     for b in range(nblocks):
         cols = start + b * BLOCK_N + offs_n
         kmask = cols < sk
-        k = _load_rows(K_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], kmask, offs_d,
-                       MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_rows(V_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :], kmask, offs_d,
-                       MASKED, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = qk * qk_scale
-        z = s
+        k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if HAS_CLASSES:
             kcls = tl.load(KCLS_base + cols, mask=kmask, other=0)
-        if HAS_RW:
-            idx = qcls[:, None] * C + kcls[None, :]
-            z = _reweight(s, idx, MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
-        if MASKED:
-            vis = _visible(offs_m[:, None], cols[None, :], sq, sk, wl, wr, HAS_WL, HAS_WR)
-            z = tl.where(vis, z, float("-inf"))
+        else:
+            kcls = cols
+        idx = qcls[:, None] * C + kcls[None, :]
+        s, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale,
+                       MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)
         p = tl.math.exp2(z - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if HAS_CLASSES:
@@ -188,15 +188,7 @@ def _bwd_dq_inner(dq, q, do, lse2, di, dm, qcls, start, nblocks,
                 for c in tl.static_range(C):
                     dmc = tl.sum(tl.where(offs_c[None, :] == c, dm, 0.0), 1)
                     dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
-        ds = p * (dp - di[:, None])
-        if HAS_RW:
-            fac = 1.0
-            if HAS_MUL:
-                fac += tl.load(MUL_h + idx)
-            if HAS_ABS:
-                sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-                fac += tl.load(ABS_h + idx) * sgn
-            ds = ds * fac
+        ds = _reweight_grad(p * (dp - di[:, None]), s, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     return dq
 
@@ -231,13 +223,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
     mask_m = offs_m < sq
     mask_d = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    do = tl.load(DO + q_rows[:, None] * stride_dot + h * stride_doh + offs_d[None, :],
-                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-    lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=mask_m, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    di = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=mask_m, other=0.0)
+    q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
+    do = _load_tile(DO + h * stride_doh, q_rows, stride_dot, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
+    lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, offs_m, mask_m)
     if HAS_CLASSES:
         dm = tl.load(DMASS + h * stride_dmh + q_rows[:, None] * C + offs_c[None, :],
                      mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)

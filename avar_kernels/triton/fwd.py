@@ -53,20 +53,20 @@ def _reweight(s, idx, MUL, ABS, ADD, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexp
 
 
 @triton.jit
-def _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """For the query rows m0..m_last: key range [lo, hi) split into (A masked, B unmasked, C masked) phases
-    of BLOCK keys. Returns (lo, nA, startB, nB, startC, nC)."""
-    diag = sk - sq
-    lo = sk * 0
-    hi = sk
+def _ranges(i0, i_last, shift, bound, w_lo, w_hi, BLOCK: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Indices i0..i_last see the other axis in [i + shift - w_lo, i + shift + w_hi] clipped to [0, bound): the
+    range [lo, hi) seen by any of them, split into (A masked, B unmasked, C masked) phases of BLOCK.
+    Returns (lo, nA, startB, nB, startC, nC)."""
+    lo = bound * 0
+    hi = bound
     full_lo = lo
     full_hi = hi
-    if HAS_WL:
-        lo = tl.maximum(m0 + diag - wl, 0)
-        full_lo = tl.maximum(m_last + diag - wl, lo)
-    if HAS_WR:
-        hi = tl.minimum(m_last + diag + wr + 1, sk)
-        full_hi = tl.minimum(m0 + diag + wr + 1, hi)
+    if HAS_LO:
+        lo = tl.maximum(i0 + shift - w_lo, 0)
+        full_lo = tl.maximum(i_last + shift - w_lo, lo)
+    if HAS_HI:
+        hi = tl.minimum(i_last + shift + w_hi + 1, bound)
+        full_hi = tl.minimum(i0 + shift + w_hi + 1, hi)
     nA = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
     startB = lo + nA * BLOCK
     nB = tl.maximum(full_hi - startB, 0) // BLOCK
@@ -76,26 +76,15 @@ def _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.cons
 
 
 @triton.jit
+def _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """For the query rows m0..m_last: the key phases (row i sees keys i + sk - sq - wl .. i + sk - sq + wr)."""
+    return _ranges(m0, m_last, sk - sq, sk, wl, wr, BLOCK, HAS_WL, HAS_WR)
+
+
+@triton.jit
 def _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
-    """For the keys n0..n_last: query range [lo, hi) that sees any of them, split into masked / unmasked /
-    masked phases of BLOCK rows. Returns (lo, nA, startB, nB, startC, nC)."""
-    diag = sk - sq
-    lo = sq * 0
-    hi = sq
-    full_lo = lo
-    full_hi = hi
-    if HAS_WR:
-        lo = tl.maximum(n0 - diag - wr, 0)
-        full_lo = tl.maximum(n_last - diag - wr, lo)
-    if HAS_WL:
-        hi = tl.minimum(n_last - diag + wl + 1, sq)
-        full_hi = tl.minimum(n0 - diag + wl + 1, hi)
-    nA = tl.cdiv(tl.maximum(full_lo - lo, 0), BLOCK)
-    startB = lo + nA * BLOCK
-    nB = tl.maximum(full_hi - startB, 0) // BLOCK
-    startC = startB + nB * BLOCK
-    nC = tl.cdiv(tl.maximum(hi - startC, 0), BLOCK)
-    return lo, nA, startB, nB, startC, nC
+    """For the keys n0..n_last: the query phases (key j is seen by rows j - (sk - sq) - wr .. j - (sk - sq) + wl)."""
+    return _ranges(n0, n_last, sq - sk, sq, wr, wl, BLOCK, HAS_WR, HAS_WL)
 
 
 @triton.jit
@@ -115,6 +104,14 @@ def _load_rows(ptrs, rmask, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr
 
 
 @triton.jit
+def _load_tile(base, rows, stride, rmask, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Load the [rows, BLOCK_D] tile base[rows * stride + d] (rows: local token indices, widened to int64)."""
+    return _load_rows(base + rows[:, None].to(tl.int64) * stride + offs_d[None, :], rmask, offs_d,
+                      MASKED, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
 def _visible(rows, cols, sq, sk, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
     """rows, cols broadcastable local indices: True where query row sees key col (and col < sk)."""
     vis = cols < sk
@@ -123,6 +120,23 @@ def _visible(rows, cols, sq, sk, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.conste
     if HAS_WR:
         vis = vis & (cols <= rows + (sk - sq) + wr)
     return vis
+
+
+@triton.jit
+def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h, MASKED: tl.constexpr,
+            HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+            HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, PREC: tl.constexpr):
+    """Scores of one tile, a @ b^T (q k^T or its transpose k q^T). idx, rows, cols: table offsets and the query
+    row / key col indices, broadcastable to the tile. Returns (s, z): s the raw scores in log2 units, z the
+    reweighted ones with invisible entries at -inf (only when MASKED)."""
+    s = tl.dot(a, tl.trans(b), input_precision=PREC) * qk_scale
+    z = s
+    if HAS_RW:
+        z = _reweight(s, idx, MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
+    if MASKED:
+        vis = _visible(rows, cols, sq, sk, wl, wr, HAS_WL, HAS_WR)
+        z = tl.where(vis, z, float("-inf"))
+    return s, z
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -140,25 +154,21 @@ def _fwd_inner(acc, l_i, m_i, acc_m, q, qcls, start, nblocks,
     for b in range(nblocks):
         cols = start + b * BLOCK_N + offs_n
         kmask = cols < sk
-        k = _load_rows(K_base + cols[:, None].to(tl.int64) * stride_kt + offs_d[None, :], kmask, offs_d,
-                       MASKED, HEAD_DIM, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        z = qk * qk_scale
+        k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if HAS_CLASSES:
             kcls = tl.load(KCLS_base + cols, mask=kmask, other=0)
-        if HAS_RW:
-            z = _reweight(z, qcls[:, None] * C + kcls[None, :], MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
-        if MASKED:
-            vis = _visible(offs_m[:, None], cols[None, :], sq, sk, wl, wr, HAS_WL, HAS_WR)
-            z = tl.where(vis, z, float("-inf"))
+        else:
+            kcls = cols
+        _, z = _scores(q, k, qcls[:, None] * C + kcls[None, :], offs_m[:, None], cols[None, :], sq, sk, wl, wr,
+                       qk_scale, MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
+                       PREC)
         m_new = tl.maximum(m_i, tl.max(z, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(z - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = _load_rows(V_base + cols[:, None].to(tl.int64) * stride_vt + offs_d[None, :], kmask, offs_d,
-                       MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         if HAS_CLASSES:
             acc_m = acc_m * alpha[:, None]
@@ -204,8 +214,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
     mask_d = offs_d < HEAD_DIM
 
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(Q + q_rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+    q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
     if HAS_RW:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)
     else:
