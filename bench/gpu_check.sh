@@ -24,7 +24,9 @@ fi
 "$PY" -c "import avar_kernels.cpu as c, avar_kernels.kvcache as k; print('cpu ext', c.is_available())" | tee -a "$LOG"
 
 step "GPU tests"
-timeout 240 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -x --maxfail=5 2>&1 | tail -25 | tee -a "$LOG"
+# Triton compiles dominate this step: spread the tests over processes when pytest-xdist is there.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+timeout 240 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=10 $XDIST 2>&1 | tail -25 | tee -a "$LOG"
 
 step "Triton benchmark"
 timeout 240 "$PY" bench/bench_triton_gpu.py --out "$OUT/triton_gpu.md" --budget 200 2>&1 | tail -5 | tee -a "$LOG"
