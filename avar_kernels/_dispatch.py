@@ -71,7 +71,8 @@ class Reweight:
             raise ValueError(f"Reweight: per-head tables disagree on the number of heads: {sorted(heads)}")
         self.num_classes = sizes.pop() if sizes else 0
         # Decided once here, not per call, so that the hot path never syncs to ask whether a table is zero.
-        self._active = {n: t is not None and bool((t != 0).any()) for n, t in
+        # A learned table (requires_grad) is always active, even while it is all zero (its initial value).
+        self._active = {n: t is not None and (t.requires_grad or bool((t != 0).any())) for n, t in
                         (("mul", self.mul), ("abs", self.abs), ("add", self.add))}
 
     @property
@@ -283,16 +284,24 @@ def _attention_bwd(dout: torch.Tensor, dmass: Optional[torch.Tensor], delta: tor
                    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                    key_class: Optional[torch.Tensor], query_class: Optional[torch.Tensor], num_classes: int,
                    mul: Optional[torch.Tensor], abs_: Optional[torch.Tensor], add: Optional[torch.Tensor],
-                   scale: float, window_left: int, window_right: int,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backend_module(backend).backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
-                                             max_seqlen_q, max_seqlen_k, key_class, query_class, num_classes,
-                                             mul, abs_, add, scale, window_left, window_right)
+                   scale: float, window_left: int, window_right: int, backend: str, need_dmul: bool,
+                   need_dabs: bool, need_dadd: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv, dtables): dtables float32 [3, Hq, C, C] (d MUL, d ABS, d ADD) when a table gradient is
+    asked, else an empty [0] tensor (custom op outputs cannot be None)."""
+    args = (dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+            key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right)
+    if need_dmul or need_dabs or need_dadd:
+        return _backend_module(backend).backward(*args, table_grads=(need_dmul, need_dabs, need_dadd))
+    dq, dk, dv = _backend_module(backend).backward(*args)
+    return dq, dk, dv, q.new_empty(0, dtype=torch.float32)
 
 
 @_attention_bwd.register_fake
-def _attention_bwd_fake(dout, dmass, delta, q, k, v, out, lse, *args):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_bwd_fake(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                        max_seqlen_k, key_class, query_class, num_classes, mul, abs_, add, scale, window_left,
+                        window_right, backend, need_dmul, need_dabs, need_dadd):
+    shape = (3, q.shape[1], num_classes, num_classes) if (need_dmul or need_dabs or need_dadd) else (0,)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(shape, dtype=torch.float32)
 
 
 _FWD_ARGS = ("cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "key_class", "query_class",
@@ -322,10 +331,16 @@ def _backward(ctx, dout, dlse, dmass):
     if dlse is not None:
         # lse = -inf rows have P = 0 everywhere: their dlse must not turn into inf - inf.
         delta = delta - torch.where(torch.isinf(lse), torch.zeros_like(dlse), dlse)
-    dq, dk, dv = _attention_bwd(dout.contiguous(), dmass, delta.contiguous(), q, k, v, out, lse, cu_q, cu_k,
-                                m["max_seqlen_q"], m["max_seqlen_k"], key_class, query_class, m["num_classes"],
-                                mul, abs_, add, m["scale"], m["window_left"], m["window_right"], m["backend"])
-    return (dq, dk, dv) + (None,) * (len(_FWD_ARGS))
+    # Table gradients only where a table is present and needs one (inputs 10, 11, 12: mul, abs_, add).
+    need = tuple(t is not None and bool(ctx.needs_input_grad[i]) for i, t in zip((10, 11, 12), (mul, abs_, add)))
+    dq, dk, dv, dtab = _attention_bwd(dout.contiguous(), dmass, delta.contiguous(), q, k, v, out, lse, cu_q, cu_k,
+                                      m["max_seqlen_q"], m["max_seqlen_k"], key_class, query_class,
+                                      m["num_classes"], mul, abs_, add, m["scale"], m["window_left"],
+                                      m["window_right"], m["backend"], *need)
+    dtables = tuple(dtab[w] if need[w] else None for w in range(3))
+    rest = [None] * len(_FWD_ARGS)
+    rest[_FWD_ARGS.index("mul"):_FWD_ARGS.index("add") + 1] = dtables
+    return (dq, dk, dv) + tuple(rest)
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -349,8 +364,10 @@ def attention_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             int(num_classes), mul, abs_, add, float(scale), int(window_left), int(window_right))
     if backend == "reference":
         return _backend_module("reference").forward(*args)
-    if any(t is not None and t.requires_grad for t in (mul, abs_, add)):
-        raise ValueError("reweight: learned (requires_grad) tables are differentiable only with backend='reference'")
+    if backend == "triton" and torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                               for t in (mul, abs_, add)):
+        raise ValueError("reweight: learned (requires_grad) tables are not differentiable with backend='triton' "
+                         "(not implemented there); use backend='cpu' or 'reference', or detach the tables")
     return _attention_fwd(*args, backend)
 
 

@@ -58,14 +58,28 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right):
-    """Packed form -> (dq [Tq, Hq, D], dk, dv [Tk, Hk, D]) in the inputs' dtype."""
+             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right,
+             table_grads=None):
+    """Packed form -> (dq [Tq, Hq, D], dk, dv [Tk, Hk, D]) in the inputs' dtype.
+
+    With ``table_grads=(need_mul, need_abs, need_add)`` (any True, each asked table present) it returns
+    ``(dq, dk, dv, dtables)`` with ``dtables`` float32 ``[3, Hq, C, C]``: the gradients of MUL, ABS, ADD
+    (zeros for those not asked), reduced per class inside the kernel's blocks.
+    """
     ext = _ext()
     cdt = _compute_dtype(q.dtype)
-    dq, dk, dv = ext.backward(_to(dout, cdt), _to(dmass, cdt), _to(delta, cdt), _to(q, cdt), _to(k, cdt),
-                              _to(v, cdt), _to(out, cdt), _to(lse, cdt), cu_seqlens_q.contiguous(),
-                              cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
-                              _to(key_class, torch.int32), _to(query_class, torch.int32), int(num_classes),
-                              _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
-                              float(scale), int(window_left), int(window_right))
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    want = tuple(bool(w) for w in table_grads) if table_grads is not None else (False, False, False)
+    res = ext.backward(_to(dout, cdt), _to(dmass, cdt), _to(delta, cdt), _to(q, cdt), _to(k, cdt),
+                       _to(v, cdt), _to(out, cdt), _to(lse, cdt), cu_seqlens_q.contiguous(),
+                       cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
+                       _to(key_class, torch.int32), _to(query_class, torch.int32), int(num_classes),
+                       _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
+                       float(scale), int(window_left), int(window_right), *want)
+    dq, dk, dv = res[0].to(q.dtype), res[1].to(k.dtype), res[2].to(v.dtype)
+    if table_grads is None:
+        return dq, dk, dv
+    if len(res) > 3:
+        dtables = res[3].to(torch.float32)
+    else:  # nothing asked (or the asked tables are absent)
+        dtables = torch.zeros(3, q.shape[1], num_classes, num_classes, dtype=torch.float32)
+    return dq, dk, dv, dtables

@@ -259,3 +259,99 @@ def test_bad_cu_seqlens():
     for cu_q, cu_k, mq, mk, exc, match in cases:
         with pytest.raises(exc, match=match):
             ak.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, backend=BACKEND)
+
+
+# ------------------------------------------------------------------------------- learned re-weighting tables
+
+def _learned_tables(form, hq, c, gen, zero=()):
+    """mul, abs, add leaves (float64 for gradcheck; the op casts them to float32) of one broadcast form."""
+    shape = {"c": (c,), "cc": (c, c), "hcc": (hq, c, c)}[form]
+    scales = {"mul": 0.3, "abs": 0.2, "add": 1.0}
+    return {n: (torch.zeros(shape, dtype=torch.float64) if n in zero
+                else scales[n] * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_(True)
+            for n in ("mul", "abs", "add")}
+
+
+@pytest.mark.parametrize("form", ["c", "cc", "hcc"])
+def test_gradcheck_float64_tables(form):
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, kc = padded_inputs(1, 5, 7, 4, 2, 8, 3, gen)  # causal, GQA, Sq != Sk
+    q, k, v = (t.double() for t in (q, k, v))
+    tabs = _learned_tables(form, 4, 3, gen)
+
+    def fn(mul, abs_, add):
+        res = ak.attention(q, k, v, kc, num_classes=3, causal=True, reweight=ak.Reweight(mul=mul, abs=abs_, add=add),
+                           return_lse=True, backend=BACKEND)
+        return res.out, res.mass, res.lse
+
+    # The tables are float32 inside the op (SPEC 2): a float32-sized step and tolerance.
+    assert torch.autograd.gradcheck(fn, (tabs["mul"], tabs["abs"], tabs["add"]), eps=1e-3, atol=2e-4, rtol=1e-3)
+
+
+def _table_grads(fn, args, kwargs, tabs, dtype, backend, seed=0):
+    """Gradients of fresh float32 copies of the tables under a fixed random loss on out, mass and lse."""
+    gen = torch.Generator().manual_seed(seed)
+    leaves = {n: t.detach().float().requires_grad_(True) for n, t in tabs.items()}
+    rw = ak.Reweight(mul=leaves.get("mul"), abs=leaves.get("abs"), add=leaves.get("add"))
+    q, k, v = (t.to(dtype) for t in args[:3])
+    res = fn(q, k, v, *args[3:], **kwargs, reweight=rw, return_lse=True, backend=backend)
+    loss = ((res.out.double() * torch.randn(res.out.shape, generator=gen, dtype=torch.float64)).sum()
+            + (res.mass.double() * torch.randn(res.mass.shape, generator=gen, dtype=torch.float64)).sum()
+            + (res.lse.double().nan_to_num(0, 0, 0) * torch.randn(res.lse.shape, generator=gen,
+                                                                    dtype=torch.float64)).sum())
+    loss.backward()
+    return {n: t.grad for n, t in leaves.items()}
+
+
+def _check_table_grads(fn, args, kwargs, tabs):
+    ref = _table_grads(fn, args, kwargs, tabs, torch.float64, "reference")
+    got = _table_grads(fn, args, kwargs, tabs, torch.float32, BACKEND)
+    for n in tabs:
+        assert got[n] is not None and got[n].shape == tabs[n].shape, n
+        scale = ref[n].abs().max().item()
+        torch.testing.assert_close(got[n], ref[n], atol=1e-4 * max(scale, 1.0), rtol=1e-3, msg=lambda m: f"{n}: {m}")
+    # out / mass / lse / dq / dk / dv with learned tables, under the FA rule
+    rw = ak.Reweight(**{n: t.detach().float().requires_grad_(True) for n, t in tabs.items()})
+    check_against_reference(fn, args, dict(kwargs, reweight=rw), torch.float32, BACKEND)
+
+
+@pytest.mark.parametrize("form", ["c", "cc", "hcc"])
+def test_table_grads_match_reference_float32(form):
+    gen = torch.Generator().manual_seed(14)
+    q, k, v, kc = padded_inputs(2, 150, 170, 4, 2, 32, 4, gen)  # several 128-blocks, causal, GQA, Sq != Sk
+    tabs = _learned_tables(form, 4, 4, gen, zero=("abs",))  # a zero-initialised learned table too
+    kwargs = dict(causal=True, num_classes=4, query_class=torch.randint(0, 4, (2, 150), generator=gen))
+    _check_table_grads(ak.attention, (q, k, v, kc), kwargs, tabs)
+
+
+def test_table_grads_varlen_unequal_lengths():
+    gen = torch.Generator().manual_seed(15)
+    q, k, v, cu_q, cu_k, mq, mk, kc = varlen_inputs([17, 1, 63, 40, 5], [17, 111, 63, 90, 0], 4, 2, 32, 4, gen)
+    tabs = {"mul": torch.zeros(4, dtype=torch.float64), "add": 0.5 * torch.randn(4, 4, 4, generator=gen,
+                                                                                  dtype=torch.float64)}
+    qc = torch.randint(0, 4, (q.shape[0],), generator=gen)  # the last sequence has queries but no keys
+    _check_table_grads(ak.attention_varlen, (q, k, v, cu_q, cu_k, mq, mk, kc), dict(causal=True, query_class=qc),
+                       tabs)
+
+
+def test_table_grads_only_what_is_needed():
+    gen = torch.Generator().manual_seed(16)
+    q, k, v, kc = padded_inputs(1, 20, 20, 2, 2, 16, 3, gen)
+    q.requires_grad_(True)
+    mul = torch.full((3,), 0.1, requires_grad=True)
+    res = ak.attention(q, k, v, kc, causal=True, reweight=ak.Reweight(mul=mul, add=torch.ones(3)), backend=BACKEND)
+    res.out.sum().backward()
+    assert mul.grad is not None and mul.grad.shape == (3,) and q.grad is not None
+    # a learned zero table is still passed on (and differentiated) rather than dropped as inactive
+    assert not ak.Reweight(add=torch.zeros(3, requires_grad=True)).is_identity
+    assert ak.Reweight(add=torch.zeros(3)).is_identity
+
+
+def test_learned_tables_on_triton_raise(monkeypatch):
+    from avar_kernels import _dispatch
+    monkeypatch.setattr(_dispatch, "pick_backend", lambda backend, device, dtype: "triton")
+    q, k, v = _qkv()
+    kc = torch.zeros(1, 8, dtype=torch.long)
+    rw = ak.Reweight(mul=torch.zeros(2, requires_grad=True))
+    with pytest.raises(ValueError, match="backend='triton'"):
+        ak.attention(q, k, v, kc, num_classes=2, reweight=rw, backend="triton")

@@ -10,6 +10,9 @@
 // Backward: P recomputed from lse per (q block, k block); parallel over (sequence, query head); key
 // blocks outer with local dK/dV accumulators, query blocks inner; dk/dv go to per-query-head buffers
 // that are summed over the heads of each kv group at the end (deterministic, no atomics).
+// Optional table gradients (a learned MUL / ABS / ADD, SPEC 3): dZ' is reduced per (query row class, key
+// class run) inside each block into a per-task [3, C, C] float64 accumulator, written per (sequence, head)
+// and summed over the sequences at the end (deterministic, no atomics); nothing of it runs unless asked.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -181,6 +184,42 @@ inline void ds_run(const T* p, T* dp, int64_t n, T c) {
   int64_t i = 0;
   for (; i + V::size() <= n; i += V::size()) (V::loadu(p + i) * (V::loadu(dp + i) + vc)).store(dp + i);
   for (; i < n; ++i) dp[i] = p[i] * (dp[i] + c);
+}
+
+// Sums over [0, n) of ds (-> s[2], dADD), ds * z (-> s[0], dMUL) and ds * |z| (-> s[1], dABS), each only
+// when asked; z is the raw scaled score (needed only for the first two).
+template <typename T>
+inline void table_sums(const T* ds, const T* z, int64_t n, bool wm, bool wa, bool wd, T* s) {
+  using V = Vectorized<T>;
+  V vm(T(0)), va(T(0)), vd(T(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    const V x = V::loadu(ds + i);
+    if (wd) vd = vd + x;
+    if (wm || wa) {
+      const V zz = V::loadu(z + i);
+      if (wm) vm = vm + x * zz;
+      if (wa) va = va + x * zz.abs();
+    }
+  }
+  alignas(64) T bm[V::size()], ba[V::size()], bd[V::size()];
+  vm.store(bm);
+  va.store(ba);
+  vd.store(bd);
+  T rm = T(0), ra = T(0), rd = T(0);
+  for (int64_t t = 0; t < V::size(); ++t) {
+    rm += bm[t];
+    ra += ba[t];
+    rd += bd[t];
+  }
+  for (; i < n; ++i) {
+    if (wd) rd += ds[i];
+    if (wm) rm += ds[i] * z[i];
+    if (wa) ra += ds[i] * std::abs(z[i]);
+  }
+  s[0] = rm;
+  s[1] = ra;
+  s[2] = rd;
 }
 
 template <typename T>
@@ -372,16 +411,26 @@ void forward_kernel(const Problem& P, const T* q, const T* k, const T* v, T* out
 // ----------------------------------------------------------------------------------------------
 template <typename T>
 void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* delta, const T* q, const T* k,
-                     const T* v, const T* lse, T* dq, T* dk_full, T* dv_full, int64_t Tq) {
+                     const T* v, const T* lse, T* dq, T* dk_full, T* dv_full, int64_t Tq, const bool* want,
+                     double* dtab) {
+  // want[0..2]: gradients of MUL, ABS, ADD requested; then dtab [N, 3, Hq, C, C] receives, for task (n, h),
+  // the sums over its visible (i, j) of dZ' * z, dZ' * |z| and dZ' by (class(i), class(j)).
   const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C;
   const int64_t ldq = Hq * D, ldk = Hk * D;
   const bool has_dm = dmass != nullptr && C > 0;
+  const bool wm = want[0], wa = want[1], wd = want[2];
+  const bool want_tab = (wm || wa || wd) && C > 0 && P.has_rw;
+  const bool want_z = want_tab && (wm || wa);
   std::vector<std::pair<int32_t, int32_t>> tasks;
   for (int64_t n = 0; n < P.num_seqs; ++n)
     for (int64_t h = 0; h < Hq; ++h) tasks.push_back({(int32_t)n, (int32_t)h});
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
     std::vector<T> S(kBwdQBlock * kBwdKBlock), dP(kBwdQBlock * kBwdKBlock), G;
     if (P.has_rw) G.resize(kBwdQBlock * kBwdKBlock);
+    std::vector<T> Z;  // raw scores, kept only for the MUL / ABS gradients
+    if (want_z) Z.resize(kBwdQBlock * kBwdKBlock);
+    std::vector<double> tacc(want_tab ? 3 * kMaxClasses * kMaxClasses : 0);
+    std::vector<int> rq(kBwdQBlock);
     std::vector<T> dK(kBwdKBlock * D), dV(kBwdKBlock * D);
     std::vector<int64_t> ra(kBwdQBlock), rb(kBwdQBlock);
     std::vector<Run> runs;
@@ -391,6 +440,7 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
       const int64_t q0 = P.cu_q[n], k0g = P.cu_k[n];
       const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0g;
       if (sq == 0 || sk == 0) continue;
+      if (want_tab) std::fill(tacc.begin(), tacc.end(), 0.0);
       const int64_t off = sk - sq;
       const int64_t kmin = P.lo(0, sq, sk), kmax = P.hi(sq - 1, sq, sk);
       for (int64_t j0 = kmin; j0 <= kmax; j0 += kBwdKBlock) {
@@ -426,6 +476,8 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
             ra[r] = a;
             rb[r] = b;
             const int qa = P.query_class ? P.query_class[gi] : 0;
+            rq[r] = qa;
+            if (want_z) std::copy(z + a, z + b, Z.data() + r * nk + a);
             if (P.has_rw) {
               T* g = G.data() + r * nk;
               for (const Run& ru : runs) {
@@ -476,6 +528,17 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
             } else {
               ds_run<T>(p + a, ds + a, b - a, -dl);
             }
+            if (want_tab) {  // dZ' reduced per (row class, key run class) before the chain rule through G
+              double* ta = tacc.data() + rq[r] * C;
+              const T* zr = want_z ? Z.data() + r * nk : nullptr;
+              for (const Run& ru : runs) {
+                const int64_t s = std::max(ru.start, a), e = std::min(ru.end, b);
+                if (s >= e) continue;
+                T sums[3];
+                table_sums<T>(ds + s, zr ? zr + s : nullptr, e - s, wm, wa, wd, sums);
+                for (int w = 0; w < 3; ++w) ta[w * C * C + ru.cls] += (double)sums[w];
+              }
+            }
             if (P.has_rw) mul_inplace<T>(ds + a, G.data() + r * nk + a, b - a);
           }
           // dQ[nq x D] (ld ldq, in place in dq) += scale * dS K.
@@ -493,6 +556,11 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
           std::copy(dK.begin() + j * D, dK.begin() + (j + 1) * D, dkr);
           std::copy(dV.begin() + j * D, dV.begin() + (j + 1) * D, dvr);
         }
+      }
+      if (want_tab) {
+        for (int w = 0; w < 3; ++w)
+          std::copy(tacc.begin() + w * C * C, tacc.begin() + (w + 1) * C * C,
+                    dtab + ((n * 3 + w) * Hq + h) * C * C);
       }
     }
   });
@@ -586,7 +654,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
                                  const c10::optional<at::Tensor>& query_class, int64_t num_classes,
                                  const c10::optional<at::Tensor>& mul, const c10::optional<at::Tensor>& abs_,
                                  const c10::optional<at::Tensor>& add, double scale, int64_t window_left,
-                                 int64_t window_right) {
+                                 int64_t window_right, bool want_dmul, bool want_dabs, bool want_dadd) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   (void)out;
@@ -606,11 +674,17 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
   auto dq = at::zeros_like(qc);
   auto dk_full = at::zeros({Tk, P.hq, P.d}, qc.options());
   auto dv_full = at::zeros({Tk, P.hq, P.d}, qc.options());
+  const bool want[3] = {want_dmul && P.mul != nullptr, want_dabs && P.abs_ != nullptr,
+                        want_dadd && P.add != nullptr};
+  const bool want_tab = want[0] || want[1] || want[2];
+  // Per (sequence, table, head) partial sums, summed over the sequences below: deterministic, no atomics.
+  at::Tensor dtab_seq = at::zeros({want_tab ? P.num_seqs : 0, 3, P.hq, P.C, P.C}, qc.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(st, "avar_cpu_backward", [&] {
     backward_kernel<scalar_t>(P, doc.data_ptr<scalar_t>(), dmc.defined() ? dmc.data_ptr<scalar_t>() : nullptr,
                               dlc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                               vc.data_ptr<scalar_t>(), lsec.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                              dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq);
+                              dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq, want,
+                              want_tab ? dtab_seq.data_ptr<double>() : nullptr);
   });
   at::Tensor dk, dv;
   if (P.group == 1) {
@@ -620,7 +694,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
     dk = dk_full.view({Tk, P.hk, P.group, P.d}).sum(2);
     dv = dv_full.view({Tk, P.hk, P.group, P.d}).sum(2);
   }
-  return {dq, dk, dv};
+  if (!want_tab) return {dq, dk, dv};
+  return {dq, dk, dv, dtab_seq.sum(0)};  // [3, Hq, C, C] float64: d MUL, d ABS, d ADD (zeros where not asked)
 }
 
 }  // namespace
@@ -633,10 +708,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("key_class"), py::arg("query_class"),
         py::arg("num_classes"), py::arg("mul"), py::arg("abs_"), py::arg("add"), py::arg("scale"),
         py::arg("window_left"), py::arg("window_right"), py::arg("out"), py::arg("lse"), py::arg("mass"));
-  m.def("backward", &avar::backward, "fused attention backward (packed layout) -> (dq, dk, dv)", py::arg("dout"),
+  m.def("backward", &avar::backward,
+        "fused attention backward (packed layout) -> (dq, dk, dv[, dtables [3, Hq, C, C] when a table gradient is "
+        "asked])", py::arg("dout"),
         py::arg("dmass"), py::arg("delta"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
         py::arg("max_seqlen_k"), py::arg("key_class"), py::arg("query_class"), py::arg("num_classes"),
         py::arg("mul"), py::arg("abs_"), py::arg("add"), py::arg("scale"), py::arg("window_left"),
-        py::arg("window_right"));
+        py::arg("window_right"), py::arg("want_dmul") = false, py::arg("want_dabs") = false,
+        py::arg("want_dadd") = false);
 }
