@@ -364,10 +364,6 @@ def attention_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             int(num_classes), mul, abs_, add, float(scale), int(window_left), int(window_right))
     if backend == "reference":
         return _backend_module("reference").forward(*args)
-    if backend == "triton" and torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                               for t in (mul, abs_, add)):
-        raise ValueError("reweight: learned (requires_grad) tables are not differentiable with backend='triton' "
-                         "(not implemented there); use backend='cpu' or 'reference', or detach the tables")
     return _attention_fwd(*args, backend)
 
 

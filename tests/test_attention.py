@@ -347,11 +347,23 @@ def test_table_grads_only_what_is_needed():
     assert ak.Reweight(add=torch.zeros(3)).is_identity
 
 
-def test_learned_tables_on_triton_raise(monkeypatch):
+def test_learned_tables_on_triton():
+    """backend='triton' differentiates learned tables too (on CPU through the interpreter): the same table
+    gradients as the float64 reference, for a [C] and a zero-initialised [H, C, C] table."""
+    pytest.importorskip("triton")
     from avar_kernels import _dispatch
-    monkeypatch.setattr(_dispatch, "pick_backend", lambda backend, device, dtype: "triton")
-    q, k, v = _qkv()
-    kc = torch.zeros(1, 8, dtype=torch.long)
-    rw = ak.Reweight(mul=torch.zeros(2, requires_grad=True))
-    with pytest.raises(ValueError, match="backend='triton'"):
-        ak.attention(q, k, v, kc, num_classes=2, reweight=rw, backend="triton")
+    if not _dispatch._backend_module("triton").is_available():
+        pytest.skip("triton cannot run here")
+    gen = torch.Generator().manual_seed(17)
+    q, k, v, kc = padded_inputs(2, 20, 24, 4, 2, 16, 3, gen)  # causal, GQA, Sq != Sk
+    tabs = {"mul": 0.3 * torch.randn(3, generator=gen, dtype=torch.float64),
+            "add": torch.zeros(4, 3, 3, dtype=torch.float64)}
+    kwargs = dict(causal=True, num_classes=3)
+    ref = _table_grads(ak.attention, (q, k, v, kc), kwargs, tabs, torch.float64, "reference")
+    got = _table_grads(ak.attention, (q, k, v, kc), kwargs, tabs, torch.float32, "triton")
+    for n in tabs:
+        assert got[n] is not None and got[n].shape == tabs[n].shape, n
+        scale = ref[n].abs().max().item()
+        assert scale > 0, n
+        torch.testing.assert_close(got[n].double(), ref[n].double(), atol=1e-5 * max(scale, 1.0), rtol=1e-4,
+                                   msg=lambda m: f"{n}: {m}")

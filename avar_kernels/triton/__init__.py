@@ -24,11 +24,13 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right):
+             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right,
+             table_grads=None):
+    """(dq, dk, dv), or with ``table_grads=(need_mul, need_abs, need_add)`` (dq, dk, dv, dtables [3, Hq, C, C])."""
     from .bwd import backward as _backward
     return _backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, key_class, query_class, num_classes, mul, abs_, add, scale, window_left,
-                     window_right)
+                     window_right, table_grads=table_grads)
 
 
 __all__ = ["is_available", "forward", "backward"]

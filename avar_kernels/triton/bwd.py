@@ -6,6 +6,10 @@ Two kernels, both recomputing P = exp(z' - lse) blockwise:
 - dQ: grid (query block, query head, sequence); loops over the visible key blocks.
 dP = dO V^T + dmass[i, class(j)] (a small product onehot(key class) x dmass^T), dZ' = P (dP - delta),
 dZ = dZ' (1 + MUL + ABS sign(z)).
+Learned tables (constexpr WANT_DMUL / WANT_DABS / WANT_DADD, off in the plain backward): the dK/dV kernel sums
+dZ' z, dZ' |z|, dZ' per (key, query class) with a product dZ'-tile x onehot(query class) [BLOCK_M, 16] over its
+query blocks, reduces over its keys per key class with onehot(key class) once per query head, and stores a
+[3, C, C] slot per (sequence, key block, query head); PyTorch sums the slots (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -13,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import (INTERPRET, LOG2E, _col_ranges, _load_tile, _row_ranges, _scores, cfgs, class_pad, dot_precision,
-                  head_class, tune_count)
+from .fwd import (INTERPRET, LN2, LOG2E, _col_ranges, _load_tile, _row_ranges, _scores, cfgs, class_pad,
+                  dot_precision, head_class, tune_count)
 from . import fwd as _fwd_mod
 
 
@@ -42,7 +46,7 @@ def _reweight_grad(ds, s, idx, MUL_h, ABS_h, HAS_RW: tl.constexpr, HAS_MUL: tl.c
 
 
 @triton.jit
-def _bwd_dkdv_inner(dk, dv, k, v, onehot, kcls, h, start, nblocks,
+def _bwd_dkdv_inner(dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, start, nblocks,
                     Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
                     q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
                     offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
@@ -50,7 +54,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, onehot, kcls, h, start, nblocks,
                     MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                     HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                    DM_PREC: tl.constexpr):
+                    DM_PREC: tl.constexpr, WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr,
+                    WANT_DADD: tl.constexpr, WANT_TG: tl.constexpr):
     for b in range(nblocks):
         rows = start + b * BLOCK_M + offs_m
         rmask = rows < sq
@@ -77,14 +82,25 @@ def _bwd_dkdv_inner(dk, dv, k, v, onehot, kcls, h, start, nblocks,
                 for c in tl.static_range(C):
                     dmc = tl.load(DMASS + h * stride_dmh + g_rows * C + c, mask=rmask, other=0.0)
                     dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
-        dsT = _reweight_grad(pT * (dpT - di[None, :]), sT, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)
+        dzT = pT * (dpT - di[None, :])
+        if WANT_TG:
+            # table gradients: per key j and query class a, sum_i dZ'_ji [* z_ji | * |z_ji|] over class(i) = a
+            # (a small product with onehot(query class) [BLOCK_M, 16]); reduced over key classes per head later
+            onehot_q = (qcls[:, None] == tl.arange(0, 16)[None, :]).to(tl.float32)
+            if WANT_DMUL:
+                tmul = tl.dot(dzT * sT, onehot_q, tmul, input_precision=DM_PREC)
+            if WANT_DABS:
+                tabs = tl.dot(dzT * tl.abs(sT), onehot_q, tabs, input_precision=DM_PREC)
+            if WANT_DADD:
+                tadd = tl.dot(dzT, onehot_q, tadd, input_precision=DM_PREC)
+        dsT = _reweight_grad(dzT, sT, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
-    return dk, dv
+    return dk, dv, tmul, tabs, tadd
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
-                     scale, qk_scale, wl, wr,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD, TG,
+                     scale, qk_scale, wl, wr, HQ, NKB,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      stride_lh, stride_dmh,
@@ -93,7 +109,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
                      HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                      HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                     DM_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     DM_PREC: tl.constexpr, WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr,
+                     WANT_DADD: tl.constexpr, WANT_TG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     n = tl.program_id(2)
@@ -120,6 +137,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
     else:
         kcls = offs_n
         onehot = offs_c[None, :].to(tl.float32)
+    if WANT_TG:
+        offs_t = tl.arange(0, 16)
+        onehot_k = ((kcls[:, None] == offs_t[None, :]) & mask_n[:, None]).to(tl.float32)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -130,25 +150,45 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
         MUL_h = MUL + h * C * C
         ABS_h = ABS + h * C * C
         ADD_h = ADD + h * C * C
+        tmul = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        tabs = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
+        tadd = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
         if HAS_WR:
-            dk, dv = _bwd_dkdv_inner(
-                dk, dv, k, v, onehot, kcls, h, lo, nA, Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+            dk, dv, tmul, tabs, tadd = _bwd_dkdv_inner(
+                dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, lo, nA, Q, DO, LSE, DELTA, DMASS, QCLS,
+                MUL_h, ABS_h, ADD_h,
                 q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
                 offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
                 HEAD_DIM, C, BLOCK_M, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-                HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, onehot, kcls, h, startB, nB, Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+                HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC, WANT_DMUL, WANT_DABS, WANT_DADD, WANT_TG)
+        dk, dv, tmul, tabs, tadd = _bwd_dkdv_inner(
+            dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, startB, nB, Q, DO, LSE, DELTA, DMASS, QCLS,
+            MUL_h, ABS_h, ADD_h,
             q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
             offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
             HEAD_DIM, C, BLOCK_M, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
-        dk, dv = _bwd_dkdv_inner(
-            dk, dv, k, v, onehot, kcls, h, startC, nC, Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
+            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC, WANT_DMUL, WANT_DABS, WANT_DADD, WANT_TG)
+        dk, dv, tmul, tabs, tadd = _bwd_dkdv_inner(
+            dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, startC, nC, Q, DO, LSE, DELTA, DMASS, QCLS,
+            MUL_h, ABS_h, ADD_h,
             q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
             offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
             HEAD_DIM, C, BLOCK_M, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC, WANT_DMUL, WANT_DABS, WANT_DADD, WANT_TG)
+        if WANT_TG:
+            # reduce over this block's keys per key class: [16 query classes, 16 key classes] per table, stored
+            # (no atomics) to this program's slot TG[n, pid_n, h, table, a, b]; summed over (n, pid_n) in torch
+            TG_h = TG + ((n * NKB + pid_n) * HQ + h).to(tl.int64) * (3 * C * C)
+            tmask = (offs_t[:, None] < C) & (offs_t[None, :] < C)
+            toffs = offs_t[:, None] * C + offs_t[None, :]
+            if WANT_DMUL:
+                tl.store(TG_h + toffs, tl.dot(tl.trans(tmul), onehot_k, input_precision=DM_PREC), mask=tmask)
+            if WANT_DABS:
+                tl.store(TG_h + C * C + toffs, tl.dot(tl.trans(tabs), onehot_k, input_precision=DM_PREC),
+                         mask=tmask)
+            if WANT_DADD:
+                tl.store(TG_h + 2 * C * C + toffs, tl.dot(tl.trans(tadd), onehot_k, input_precision=DM_PREC),
+                         mask=tmask)
 
     smask = mask_n[:, None] & mask_d[None, :]
     tl.store(DK + k_rows[:, None] * stride_dkt + hk * stride_dkh + offs_d[None, :],
@@ -294,18 +334,25 @@ _KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC"]
 _tuned = {}
 
 
-def _get(kind, bd, prec):
+def _get(kind, bd, prec, want_tg=False):
     if INTERPRET:
         return _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
-    key = (kind, head_class(bd), prec, tune_count())
+    key = (kind, head_class(bd), prec, tune_count(), want_tg)
     if key not in _tuned:
         fn, cf = (_bwd_dkdv_kernel, _dkdv_configs) if kind == "dkdv" else (_bwd_dq_kernel, _dq_configs)
-        _tuned[key] = triton.autotune(configs=cf(head_class(bd), prec), key=_KEY)(fn)
+        # The table-gradient slots a config writes depend on its BLOCK_N: the autotuner zeroes the buffer before
+        # each trial and after choosing, so no trial config leaves stale slots behind.
+        extra = dict(key=_KEY + ["WANT_DMUL", "WANT_DABS", "WANT_DADD"], reset_to_zero=["TG"]) if want_tg else \
+            dict(key=_KEY)
+        _tuned[key] = triton.autotune(configs=cf(head_class(bd), prec), **extra)(fn)
     return _tuned[key]
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right):
+             key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right,
+             table_grads=None):
+    """-> (dq, dk, dv); with ``table_grads=(need_mul, need_abs, need_add)`` -> (dq, dk, dv, dtables), dtables
+    float32 [3, Hq, C, C] (zeros for the tables not asked), reduced per class pair inside the dK/dV kernel."""
     tq, hq, d = q.shape
     tk, hk, _ = k.shape
     nseq = cu_seqlens_q.numel() - 1
@@ -313,8 +360,14 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    want = tuple(bool(w) for w in table_grads) if table_grads is not None else (False, False, False)
+    # a table gradient only for a present table (with classes); others stay zero
+    want = tuple(w and t is not None and C > 0 for w, t in zip(want, (mul, abs_, add)))
+    want_tg = any(want)
+    if table_grads is not None:
+        dtables = torch.zeros(3, hq, C, C, device=q.device, dtype=torch.float32)
     if nseq == 0 or (tq == 0 and tk == 0):
-        return dq, dk, dv
+        return (dq, dk, dv) if table_grads is None else (dq, dk, dv, dtables)
     dout = dout.contiguous()
     lse = lse.float().contiguous()
     delta = delta.float().contiguous()
@@ -344,15 +397,30 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     dm_stride = dmass.stride(0) if has_classes else 0
     scalars = (float(scale), float(scale) * LOG2E, int(window_left), int(window_right))
 
+    tg, nkb = dummy_f, 1
+    if want_tg and tk > 0:
+        # one [3, C, C] slot per (sequence, key block, query head), sized for the smallest BLOCK_N of any config
+        min_bn = common["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in
+                                                           _dkdv_configs(head_class(bd), prec))
+        nkb = triton.cdiv(max_seqlen_k, min_bn)
+        tg = torch.zeros(nseq, nkb, hq, 3, C, C, device=q.device, dtype=torch.float32)
+    tg_flags = dict(WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], WANT_TG=want_tg)
+
     if tk > 0:
-        _get("dkdv", bd, prec)[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
-            q, k, v, dout, lse, delta, dm, dk, dv, *ptrs, *scalars,
+        _get("dkdv", bd, prec, want_tg)[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
+            q, k, v, dout, lse, delta, dm, dk, dv, *ptrs, tg, *scalars, hq, nkb,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), dm_stride, **common)
+            lse.stride(0), dm_stride, **common, **tg_flags)
     if tq > 0:
         _get("dq", bd, prec)[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
             q, k, v, dout, lse, delta, dm, dq, *ptrs, *scalars,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), dm_stride, **common)
-    return dq, dk, dv
+    if table_grads is None:
+        return dq, dk, dv
+    if want_tg and tk > 0:
+        # deterministic reduction over sequences and key blocks; the kernel's scores are in log2 units
+        dtables = tg.sum((0, 1)).transpose(0, 1).contiguous()
+        dtables[:2] *= LN2
+    return dq, dk, dv, dtables
