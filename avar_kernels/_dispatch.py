@@ -7,6 +7,8 @@ compiles under ``torch.compile`` without graph breaks.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import math
 import warnings
@@ -144,11 +146,34 @@ def check_classes(name, cls, shape, device):
         raise ValueError(f"{name}: expected device {device}, got {cls.device}")
 
 
+_CLASS_IDS_CHECKED = contextvars.ContextVar("avar_class_ids_checked", default=False)
+
+
+@contextlib.contextmanager
+def class_ids_checked():
+    """Within this context the op trusts that class ids lie in range (the caller checked them once).
+
+    Reading ids back is a host sync on GPUs; the transformers integration checks a forward's classes once in
+    its pre-hook instead of in every layer. Outside the context (e.g. a checkpointed layer recomputed in
+    backward) the op simply checks again.
+    """
+    token = _CLASS_IDS_CHECKED.set(True)
+    try:
+        yield
+    finally:
+        _CLASS_IDS_CHECKED.reset(token)
+
+
+def read_class_range(cls):
+    """(min, max) of the ids: the host sync that the range checks cost."""
+    return int(cls.min()), int(cls.max())
+
+
 def check_class_range(name, cls, num_classes, what="class ids"):
     # Reading the ids back is a host sync that torch.compile cannot trace: the check runs in eager calls only.
-    if cls.numel() == 0 or torch.compiler.is_compiling():
+    if cls.numel() == 0 or torch.compiler.is_compiling() or _CLASS_IDS_CHECKED.get():
         return
-    lo, hi = int(cls.min()), int(cls.max())
+    lo, hi = read_class_range(cls)
     if lo < 0 or hi >= num_classes:
         raise ValueError(f"{name}: {what} must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]")
 

@@ -237,3 +237,23 @@ def test_intervene_needs_classes():
     kw = mk(rows_for(mk))
     with ah.intervene(ms["avar"], ah.vaf()), pytest.raises(ValueError, match="no token classes"):
         ms["avar"](**kw)
+
+
+def test_class_ids_read_back_once_per_forward(monkeypatch):
+    """The hook checks the id range once; the layers' attention calls must not read the ids back again."""
+    from avar_kernels import _dispatch
+
+    reads = []
+    real = _dispatch.read_class_range
+    monkeypatch.setattr(_dispatch, "read_class_range", lambda c: reads.append(1) or real(c))
+    ms, mk = models("qwen2_5_vl", ("avar",), layers=3)
+    kw = mk(rows_for(mk), padding="left")
+    cls = classes_of(kw)
+    with torch.no_grad(), ah.record(ms["avar"], cls) as rec:
+        ms["avar"](**kw)
+    assert len(rec.mass) == 3 and len(reads) == 1
+    bad = cls.clone()
+    bad[0, 0] = C
+    with pytest.raises(ValueError, match=r"token classes: class ids must lie in \[0, num_classes=6\)"):
+        with torch.no_grad(), ah.record(ms["avar"], bad):
+            ms["avar"](**kw)

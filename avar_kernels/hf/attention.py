@@ -30,12 +30,13 @@ of :mod:`avar_kernels.hf.record` on the language model: ``avar_classes`` (int ``
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
 
 import avar_kernels
-from avar_kernels import kvcache
+from avar_kernels import _dispatch, kvcache
 from avar_kernels._dispatch import warn_once
 
 NUM_CLASSES = 6
@@ -175,7 +176,14 @@ def _use_decode_kernel(q, sq, sk, causal, window):
 
 
 def avar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function (registered as ``"avar"``): see the module docstring."""
+    """The attention function registered as ``"avar"`` (see the module docstring)."""
+    ctx = kwargs.get("avar_context")
+    checked = _dispatch.class_ids_checked() if getattr(ctx, "classes_checked", False) else contextlib.nullcontext()
+    with checked:
+        return _avar_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
+
+
+def _avar_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs):
     if dropout and module.training:
         raise NotImplementedError("avar attention has no attention dropout; set attention_dropout=0")
     if kwargs.get("softcap") is not None:

@@ -21,6 +21,7 @@ import weakref
 import torch
 
 import avar_kernels
+from avar_kernels import _dispatch
 
 from .attention import NUM_CLASSES
 
@@ -58,10 +59,11 @@ class _Forward:
     It snapshots the active recorders and interventions, so that the recomputation of a layer under gradient
     checkpointing (which runs in backward, possibly after the contexts closed) takes the same path."""
 
-    __slots__ = ("ctl", "step", "recorders", "interventions")
+    __slots__ = ("ctl", "step", "recorders", "interventions", "classes_checked")
 
-    def __init__(self, ctl, step):
+    def __init__(self, ctl, step, classes_checked):
         self.ctl, self.step = ctl, step
+        self.classes_checked = classes_checked  # the hook checked the id range once for all layers
         self.recorders = tuple(ctl.recorders)
         self.interventions = tuple(ctl.interventions)
 
@@ -137,9 +139,10 @@ class _Controller:
             elif cls.shape[1] > total:
                 raise ValueError(f"avar: token classes cover {cls.shape[1]} positions but the model sees only "
                                  f"{total} (cache {past} + input {sq})")
+            _dispatch.check_class_range("token classes", cls, NUM_CLASSES)
             self.current_classes = cls
             kwargs["avar_classes"] = cls
-        kwargs["avar_context"] = _Forward(self, self.step)
+        kwargs["avar_context"] = _Forward(self, self.step, classes_checked=classes is not None)
         return args, kwargs
 
     # ---- interventions
