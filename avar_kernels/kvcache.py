@@ -140,7 +140,8 @@ def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlen
         raise ValueError(f"key_class: expected shape [B={b}, Sk_max={sk_max}] (at least the longest cache, "
                          f"{longest}), got {list(key_class.shape)}")
     valid = torch.arange(key_class.shape[1], device=device)[None, :] < cache_seqlens.long()[:, None]
-    vals = key_class[valid]
+    # Ids past a cache's length are unused: read them as 0 (a valid id) rather than boolean-index, which syncs.
+    vals = torch.where(valid, key_class, torch.zeros_like(key_class))
     num_classes = _dispatch.resolve_num_classes(num_classes, reweight, vals)
     _dispatch.check_class_range("key_class", vals, num_classes, what="class ids of the valid keys")
     if query_class is None:
