@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch
-from ._dispatch import AttentionOutput
+from . import _checks, _ops
+from ._backends import warn_once
+from .attention import attention_varlen
+from .types import AttentionOutput
 
 CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 CUDA_MAX_SQ = 16
@@ -54,87 +56,12 @@ def _cuda_unavailable_reason() -> str:
     return "no CUDA device is available"
 
 
-# ----------------------------------------------------------------------------------------------- checks
-
-def _check_int_tensor(name, t, device, int32_only=False):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if int32_only and t.dtype != torch.int32:
-        raise TypeError(f"{name}: expected dtype torch.int32, got {t.dtype}")
-    if t.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
-        raise TypeError(f"{name}: expected an integer dtype, got {t.dtype}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device} (q's), got {t.device}")
-
-
-def _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table):
-    """Checks shapes/dtypes/devices; returns (B, Sq, Hq, Hk, D, Sk_max, block_size or 0, seqlens list)."""
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name}: expected a 4-D tensor, got shape {tuple(t.shape)}")
-        if t.dtype not in _dispatch.FLOAT_DTYPES:
-            raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {t.dtype}")
-    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(f"q, k_cache, v_cache must share one dtype; got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if k_cache.device != q.device or v_cache.device != q.device:
-        raise ValueError(f"q, k_cache, v_cache must be on one device; got {q.device}, {k_cache.device}, "
-                         f"{v_cache.device}")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have the same shape; got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    b, sq, hq, d = q.shape
-    hk = k_cache.shape[2]
-    if sq < 1:
-        raise ValueError(f"q: expected at least one query row per sequence (Sq >= 1), got shape {tuple(q.shape)}")
-    if k_cache.shape[3] != d:
-        raise ValueError(f"k_cache: head dim {k_cache.shape[3]} != q's head dim {d}")
-    if hk == 0 or hq % hk != 0:
-        raise ValueError(f"the number of query heads ({hq}) must be a multiple of the number of kv heads ({hk})")
-    if not 1 <= d <= _dispatch.MAX_HEAD_DIM:
-        raise ValueError(f"head dim must be in [1, {_dispatch.MAX_HEAD_DIM}]; got {d}")
-
-    if block_table is None:
-        if k_cache.shape[0] != b:
-            raise ValueError(f"k_cache: batch size {k_cache.shape[0]} != q's {b} (pass block_table for a paged "
-                             "cache [num_blocks, block_size, Hk, D])")
-        sk_max, block_size = k_cache.shape[1], 0
-    else:
-        _check_int_tensor("block_table", block_table, q.device, int32_only=True)
-        if block_table.dim() != 2 or block_table.shape[0] != b:
-            raise ValueError(f"block_table: expected shape [B={b}, max_blocks], got {list(block_table.shape)}")
-        block_size = k_cache.shape[1]
-        if block_size % 16 != 0 or block_size == 0:
-            raise ValueError(f"k_cache: paged block size (dim 1) must be a positive multiple of 16, got {block_size}")
-        sk_max = block_table.shape[1] * block_size
-
-    _check_int_tensor("cache_seqlens", cache_seqlens, q.device, int32_only=True)
-    if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != b:
-        raise ValueError(f"cache_seqlens: expected shape [B={b}], got {list(cache_seqlens.shape)}")
-    lens = cache_seqlens.tolist()
-    for i, n in enumerate(lens):
-        if n < 0 or n > sk_max:
-            raise ValueError(f"cache_seqlens: entry {i} is {n}, outside [0, Sk_max={sk_max}]")
-        if 0 < n < sq:
-            raise ValueError(f"cache_seqlens: entry {i} is {n} < Sq={sq}: the cache must hold the new rows' keys "
-                             "(or be empty, 0)")
-    if block_table is not None and b > 0:
-        need = (cache_seqlens.long() + block_size - 1) // block_size
-        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < need[:, None]
-        ids = block_table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table: block ids of the valid keys must lie in [0, num_blocks={k_cache.shape[0]}); "
-                             f"found values in [{int(ids.min())}, {int(ids.max())}]")
-    return b, sq, hq, hk, d, sk_max, block_size, lens
-
-
 def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlens, lens, b, sq, sk_max, device):
     """Returns (key_class [B, L] int32 or None, query_class [B, Sq] int32 or None, num_classes)."""
     if key_class is None:
-        _dispatch.check_no_classes(query_class, reweight)
+        _checks.check_no_classes(query_class, reweight)
         return None, None, 0
-    _check_int_tensor("key_class", key_class, device)
+    _checks.check_int_tensor("key_class", key_class, device)
     longest = max(lens) if lens else 0
     if key_class.dim() != 2 or key_class.shape[0] != b or key_class.shape[1] < longest:
         raise ValueError(f"key_class: expected shape [B={b}, Sk_max={sk_max}] (at least the longest cache, "
@@ -142,18 +69,18 @@ def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlen
     valid = torch.arange(key_class.shape[1], device=device)[None, :] < cache_seqlens.long()[:, None]
     # Ids past a cache's length are unused: read them as 0 (a valid id) rather than boolean-index, which syncs.
     vals = torch.where(valid, key_class, torch.zeros_like(key_class))
-    num_classes = _dispatch.resolve_num_classes(num_classes, reweight, vals)
-    _dispatch.check_class_range("key_class", vals, num_classes, what="class ids of the valid keys")
+    num_classes = _checks.resolve_num_classes(num_classes, reweight, vals)
+    _checks.check_class_range("key_class", vals, num_classes, what="class ids of the valid keys")
     if query_class is None:
         # the classes of the last Sq valid positions (the new rows); empty sequences get class 0
         pos = (cache_seqlens.long()[:, None] - sq + torch.arange(sq, device=device)[None, :]).clamp(min=0)
         query_class = key_class.long().gather(1, pos.clamp(max=max(key_class.shape[1] - 1, 0)))
         query_class = torch.where(cache_seqlens[:, None] > 0, query_class, torch.zeros_like(query_class))
     else:
-        _check_int_tensor("query_class", query_class, device)
+        _checks.check_int_tensor("query_class", query_class, device)
         if tuple(query_class.shape) != (b, sq):
             raise ValueError(f"query_class: expected shape [{b}, {sq}], got {list(query_class.shape)}")
-        _dispatch.check_class_range("query_class", query_class, num_classes)
+        _checks.check_class_range("query_class", query_class, num_classes)
     return key_class.to(torch.int32), query_class.to(torch.int32).contiguous(), num_classes
 
 
@@ -167,20 +94,18 @@ def _vec_ok(t):
 
 def _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class, num_classes, tables,
               scale, causal):
-    mod = _cuda_module()
     if not _vec_ok(q):
         q = q.contiguous()
     if not (_vec_ok(k_cache) and _vec_ok(v_cache)):
-        _dispatch.warn_once("attention_with_kvcache: k_cache/v_cache are not laid out for 128-bit loads (contiguous head "
+        warn_once("attention_with_kvcache: k_cache/v_cache are not laid out for 128-bit loads (contiguous head "
                    "dim, strides multiple of 8); copying them each call")
         k_cache, v_cache = k_cache.contiguous(), v_cache.contiguous()
     if key_class is not None and key_class.stride(-1) != 1:
         key_class = key_class.contiguous()
     mul, abs_, add = tables
-    out, lse, mass = mod.decode_fwd(q, k_cache, v_cache, cache_seqlens, key_class,
-                                    None if block_table is None else block_table.contiguous(), query_class,
-                                    int(num_classes), mul, abs_, add, float(scale), bool(causal), int(_FORCE_SPLITS))
-    return out, lse, mass
+    return _ops.decode_fwd(q, k_cache, v_cache, cache_seqlens, key_class,
+                           None if block_table is None else block_table.contiguous(), query_class,
+                           int(num_classes), mul, abs_, add, float(scale), bool(causal), int(_FORCE_SPLITS))
 
 
 def gather_packed(k_cache, v_cache, cache_seqlens, lens, block_table, key_class):
@@ -211,8 +136,6 @@ def gather_packed(k_cache, v_cache, cache_seqlens, lens, block_table, key_class)
 
 def _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class, query_class, num_classes,
                   causal, scale, reweight, backend):
-    from . import attention_varlen
-
     b, sq, hq, d = q.shape
     k, v, cu_k, kc = gather_packed(k_cache, v_cache, cache_seqlens, lens, block_table, key_class)
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
@@ -253,13 +176,17 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
     """
     if backend not in KV_BACKENDS:
         raise ValueError(f"backend: expected one of {KV_BACKENDS}, got {backend!r}")
-    b, sq, hq, hk, d, sk_max, block_size, lens = _check_inputs(q, k_cache, v_cache, cache_seqlens, block_table)
-    _dispatch.check_reweight(reweight)
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    b, sq, hq, hk, d, sk_max, block_size, lens = _checks.check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
+    _checks.check_reweight(reweight)
+    for name, flag in (("causal", causal), ("return_mass", return_mass), ("return_lse", return_lse)):
+        _checks.check_flag(name, flag)
     key_class, query_class, num_classes = _resolve_classes(key_class, query_class, num_classes, reweight,
                                                            cache_seqlens, lens, b, sq, sk_max, q.device)
-    scale = _dispatch.default_scale(softmax_scale, d)
+    scale = _checks.default_scale(softmax_scale, d)
+    if b == 0:  # empty in, empty out
+        return AttentionOutput(q * 0, q.new_zeros(0, hq, sq, num_classes, dtype=torch.float32)
+                               if return_mass and num_classes > 0 else None,
+                               q.new_zeros(0, hq, sq, dtype=torch.float32) if return_lse else None)
     tables = (None, None, None)
     if reweight is not None and num_classes > 0:
         tables = reweight.tables(hq, num_classes, q.device)
@@ -281,13 +208,13 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
         why_not = _cuda_unavailable_reason()
 
     if backend == "cuda" and why_not is not None:
-        raise RuntimeError(f"backend='cuda': the CUDA decode kernel cannot run: {why_not}")
+        raise ValueError(f"backend='cuda': the CUDA decode kernel cannot run: {why_not}")
     if backend == "cuda" or (backend == "auto" and why_not is None):
         out, lse, mass = _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class,
                                    num_classes, tables, scale, causal)
     else:
         if backend == "auto" and q.device.type == "cuda" and _cuda_module() is None:
-            _dispatch.warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")
+            warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")
         out, lse, mass = _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class,
                                        query_class, num_classes, causal, scale, reweight, backend)
     return AttentionOutput(out, mass.contiguous() if return_mass and num_classes > 0 and mass is not None else None,

@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 import torch
 
-IMAGE, SYSTEM, USER, RESPONSE = 1, 2, 3, 4
+from .types import IMAGE, RESPONSE, SYSTEM, USER
 
 __all__ = ["vas", "visual_share", "MetricResult", "attention_guided_loss", "avar_sft_loss", "visual_reward",
            "UndefinedMetricWarning", "vas_band"]

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference of the fused op: materializes P per sequence.
 
 This is the ground truth of every test (run it in float64) and never a fast path. It implements the
-backend contract of :mod:`avar_kernels._dispatch` in the packed (varlen) form, with ordinary autograd.
+backend contract of ``docs/backends.md`` in the packed (varlen) form, with ordinary autograd.
 """
 from __future__ import annotations
 

@@ -178,7 +178,7 @@ def _qkv(b=1, s=8, hq=4, hk=2, d=16, dtype=torch.float32):
     (lambda: (_qkv()[0].int(), *_qkv()[1:]), TypeError, "q: expected float16"),
     (lambda: (_qkv()[0], _qkv()[1], _qkv(s=9)[2]), ValueError, "k and v must have the same shape"),
     (lambda: _qkv(d=320), ValueError, "head dim"),
-    (lambda: (_qkv()[0][..., :8], *_qkv()[1:]), ValueError, "same head dim"),
+    (lambda: (_qkv()[0][..., :8], *_qkv()[1:]), ValueError, "k: head dim 16 != q's head dim 8"),
     (lambda: (_qkv(b=2)[0], *_qkv()[1:]), ValueError, "same batch size"),
 ])
 def test_bad_tensors(make, exc, match):
@@ -194,8 +194,11 @@ def test_bad_classes():
         ak.attention(q, k, v, torch.full((1, 8), -1), num_classes=3, backend=BACKEND)
     with pytest.raises(ValueError, match="num_classes"):
         ak.attention(q, k, v, torch.zeros(1, 8, dtype=torch.long), num_classes=9, backend=BACKEND)
-    with pytest.raises(ValueError, match="num_classes"):
+    with pytest.raises(ValueError, match=r"key_class: class ids must lie in \[0, 8\); found values in \[9, 9\]"):
         ak.attention(q, k, v, torch.full((1, 8), 9), backend=BACKEND)
+    # a negative id with num_classes inferred blames key_class, not the num_classes the user did not pass
+    with pytest.raises(ValueError, match=r"key_class: class ids must lie in \[0, 8\); found values in \[-1, -1\]"):
+        ak.attention(q, k, v, torch.full((1, 8), -1), backend=BACKEND)
     with pytest.raises(ValueError, match=r"key_class: expected shape \[1, 8\]"):
         ak.attention(q, k, v, torch.zeros(1, 7, dtype=torch.long), backend=BACKEND)
     with pytest.raises(TypeError, match="key_class: expected an integer dtype"):
@@ -205,7 +208,7 @@ def test_bad_classes():
                      backend=BACKEND)
     with pytest.raises(ValueError, match="query_class: required"):
         ak.attention(q, k[:, :4], v[:, :4], torch.zeros(1, 4, dtype=torch.long), backend=BACKEND)
-    with pytest.raises(ValueError, match="reweight needs key_class"):
+    with pytest.raises(ValueError, match="reweight: needs key_class"):
         ak.attention(q, k, v, reweight=ak.Reweight(mul=[0.0, 0.1]), backend=BACKEND)
 
 
@@ -351,8 +354,8 @@ def test_learned_tables_on_triton():
     """backend='triton' differentiates learned tables too (on CPU through the interpreter): the same table
     gradients as the float64 reference, for a [C] and a zero-initialised [H, C, C] table."""
     pytest.importorskip("triton")
-    from avar_kernels import _dispatch
-    if not _dispatch._backend_module("triton").is_available():
+    from avar_kernels import _backends
+    if not _backends.backend_module("triton").is_available():
         pytest.skip("triton cannot run here")
     gen = torch.Generator().manual_seed(17)
     q, k, v, kc = padded_inputs(2, 20, 24, 4, 2, 16, 3, gen)  # causal, GQA, Sq != Sk

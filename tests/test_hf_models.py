@@ -164,13 +164,13 @@ def _eager(q, k, v, mask, scale):
 
 
 def test_custom_mask_uses_fallback_with_warning():
-    from avar_kernels import _dispatch
+    from avar_kernels import _backends
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, 9, 8, generator=g) for n in (4, 2, 2))
     mask = torch.rand(2, 1, 9, 9, generator=g) > 0.4
     mask |= torch.eye(9, dtype=torch.bool)
-    _dispatch._WARNED.clear()
+    _backends._WARNED.clear()
     with pytest.warns(RuntimeWarning, match="fallback"):
         out, w = ah.avar_attention(_Mod(), q, k, v, mask, scaling=0.3)
     assert w is None and out.shape == (2, 9, 4, 8)

@@ -241,11 +241,11 @@ def test_intervene_needs_classes():
 
 def test_class_ids_read_back_once_per_forward(monkeypatch):
     """The hook checks the id range once; the layers' attention calls must not read the ids back again."""
-    from avar_kernels import _dispatch
+    from avar_kernels import _checks
 
     reads = []
-    real = _dispatch.read_class_range
-    monkeypatch.setattr(_dispatch, "read_class_range", lambda c: reads.append(1) or real(c))
+    real = _checks.read_class_range
+    monkeypatch.setattr(_checks, "read_class_range", lambda c: reads.append(1) or real(c))
     ms, mk = models("qwen2_5_vl", ("avar",), layers=3)
     kw = mk(rows_for(mk), padding="left")
     cls = classes_of(kw)

@@ -36,10 +36,10 @@ import weakref
 import torch
 
 import avar_kernels
-from avar_kernels import _dispatch, kvcache
-from avar_kernels._dispatch import warn_once
+from avar_kernels import _checks, kvcache
+from avar_kernels._backends import warn_once
+from avar_kernels.types import NUM_CLASSES
 
-NUM_CLASSES = 6
 # ----------------------------------------------------------------------------------------- mask compiling
 
 class _Plan:
@@ -178,7 +178,7 @@ def _use_decode_kernel(q, sq, sk, causal, window):
 def avar_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """The attention function registered as ``"avar"`` (see the module docstring)."""
     ctx = kwargs.get("avar_context")
-    checked = _dispatch.class_ids_checked() if getattr(ctx, "classes_checked", False) else contextlib.nullcontext()
+    checked = _checks.class_ids_checked() if getattr(ctx, "classes_checked", False) else contextlib.nullcontext()
     with checked:
         return _avar_attention(module, query, key, value, attention_mask, scaling, dropout, **kwargs)
 

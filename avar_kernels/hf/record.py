@@ -21,7 +21,7 @@ import weakref
 import torch
 
 import avar_kernels
-from avar_kernels import _dispatch
+from avar_kernels import _checks
 
 from .attention import NUM_CLASSES
 
@@ -139,7 +139,7 @@ class _Controller:
             elif cls.shape[1] > total:
                 raise ValueError(f"avar: token classes cover {cls.shape[1]} positions but the model sees only "
                                  f"{total} (cache {past} + input {sq})")
-            _dispatch.check_class_range("token classes", cls, NUM_CLASSES)
+            _checks.check_class_range("token classes", cls, NUM_CLASSES)
             self.current_classes = cls
             kwargs["avar_classes"] = cls
         kwargs["avar_context"] = _Forward(self, self.step, classes_checked=classes is not None)
