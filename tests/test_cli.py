@@ -14,7 +14,7 @@ def test_op_small(capsys):
     import avar_kernels.cli as cli
 
     args = cli.build_parser().parse_args(["op"])
-    assert args.run is cli.run_op and (args.image, args.heads, args.dtype) == (1024, 16, "float32")
+    assert args.run is cli.op.run and (args.image, args.heads, args.dtype) == (1024, 16, "float32")
     assert main(["op", *SMALL_OP]) == 0
     out = capsys.readouterr().out
     assert "S=104" in out and "max |error| vs float64 reference" in out and "forward time" in out
@@ -26,7 +26,7 @@ def test_main_without_arguments_is_op(capsys, monkeypatch):
     import avar_kernels.cli as cli
 
     calls = []
-    monkeypatch.setattr(cli, "run_op", lambda args: calls.append(args) or 0)
+    monkeypatch.setattr(cli.op, "run", lambda args: calls.append(args) or 0)
     assert main([]) == 0
     assert len(calls) == 1 and calls[0].command == "op" and calls[0].image == 1024
     # the pre-subcommand form: op options without 'op'
@@ -82,3 +82,11 @@ def test_help(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "{op,vas}" in out and "--max-new-tokens N" in out and "--kv-heads" in out
+
+
+def test_errors_are_one_line(capsys):
+    # a backend that cannot run here: one line on stderr naming the argument, exit code 1, no traceback
+    assert main(["op", *SMALL_OP, "--backend", "triton", "--device", "cpu"]) in (0, 1)
+    err = capsys.readouterr().err
+    if err:
+        assert err.count("\n") == 1 and "backend='triton'" in err and "Traceback" not in err

@@ -1,175 +1,22 @@
-"""``avar-kernels`` / ``python -m avar_kernels``: the fused op and the model integration from the command line.
-
-Subcommands:
-
-* ``op`` (the default, ``avar-kernels`` alone runs it): the fused op on a generated VLM-shaped prompt. It prints
-  where each class of query rows puts its attention (the per-class masses), checks the result against the
-  float64 reference, and times the op against torch SDPA (which computes no masses) in the same run.
-* ``vas``: the Visual Attention Score (``metrics.vas``) and visual share of a vision-language model on one
+"""``avar-kernels vas``: the Visual Attention Score (``metrics.vas``) and visual share of a vision-language model on one
   image + question, per layer and overall, from the fused ``"avar"`` attention (``avar_kernels.hf.record``), then
   the answers without and with the VAF intervention. Without ``--model`` it runs offline on a tiny random-weight
   Qwen2.5-VL (``avar_kernels.hf.testing``) and checks the recorded masses against eager attention weights.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 import re
-import time
 
 import torch
 
 import avar_kernels as ak
+from avar_kernels.types import CLASS_NAMES
 
-CLASS_NAMES = {ak.OTHER: "other", ak.IMAGE: "image", ak.SYSTEM: "system", ak.USER: "user", ak.RESPONSE: "response",
-               ak.VIDEO: "video"}
+from . import args as A
+
 SYSTEM_PROMPT = "You are a helpful assistant."
 DEFAULT_QUESTION = "Describe the image in one sentence."
-
-
-# ------------------------------------------------------------------------------------------------ shared
-
-def _device(s):
-    try:
-        dev = torch.device(s)
-    except (RuntimeError, ValueError) as e:
-        raise argparse.ArgumentTypeError(f"not a torch device: {s!r} ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{s!r}: CUDA is not available on this machine")
-    return str(dev)
-
-
-def _positive_int(s):
-    v = _int(s)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def _nonneg_int(s):
-    v = _int(s)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return v
-
-
-def _int(s):
-    try:
-        return int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {s!r}") from None
-
-
-def _finite_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
-    if not math.isfinite(v):
-        raise argparse.ArgumentTypeError(f"must be finite, got {s!r}")
-    return v
-
-
-def _default_device():
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ------------------------------------------------------------------------------------------------ op
-
-def vlm_prompt_classes(system: int, image: int, user: int, response: int) -> torch.Tensor:
-    """Class ids of a chat prompt laid out as [system | image | user text | response]."""
-    parts = [(ak.SYSTEM, system), (ak.IMAGE, image), (ak.USER, user), (ak.RESPONSE, response)]
-    return torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in parts])
-
-
-def _time(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def _add_op_parser(sub):
-    p = sub.add_parser("op", help="the fused op on a generated VLM-shaped prompt (the default)",
-                       description="Run the fused op on a generated [system | image | user | response] prompt: "
-                                   "per-class masses, error against the float64 reference, time against SDPA.")
-    p.add_argument("--system", type=_nonneg_int, default=64, help="system-prompt tokens (default 64)")
-    p.add_argument("--image", type=_nonneg_int, default=1024, help="image tokens (default 1024)")
-    p.add_argument("--user", type=_nonneg_int, default=128, help="user-text tokens (default 128)")
-    p.add_argument("--response", type=_nonneg_int, default=256, help="response tokens (default 256)")
-    p.add_argument("--heads", type=_positive_int, default=16, help="query heads (default 16)")
-    p.add_argument("--kv-heads", type=_positive_int, default=4, help="key/value heads, divides --heads (default 4)")
-    p.add_argument("--head-dim", type=_positive_int, default=128, help="head dimension (default 128)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    p.add_argument("--device", type=_device, default=_default_device(), help="default: cuda if available, else cpu")
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
-    p.add_argument("--vaf", type=_finite_float, default=0.0,
-                   help="boost image keys by MUL=+x for user/response rows (default 0: off)")
-    p.add_argument("--repeats", type=_positive_int, default=3, help="timing repeats, best of (default 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(run=run_op, parser=p)
-    return p
-
-
-def run_op(args):
-    if args.heads % args.kv_heads:
-        args.parser.error(f"argument --kv-heads: must divide --heads ({args.heads}), got {args.kv_heads}")
-    if args.system + args.image + args.user + args.response == 0:
-        args.parser.error("arguments --system/--image/--user/--response: the prompt is empty")
-    torch.manual_seed(args.seed)
-    dtype = getattr(torch, args.dtype)
-    classes = vlm_prompt_classes(args.system, args.image, args.user, args.response).to(args.device)[None]
-    s = classes.shape[1]
-    q = torch.randn(1, s, args.heads, args.head_dim, device=args.device, dtype=dtype)
-    k = torch.randn(1, s, args.kv_heads, args.head_dim, device=args.device, dtype=dtype)
-    v = torch.randn(1, s, args.kv_heads, args.head_dim, device=args.device, dtype=dtype)
-    # Give the image keys a shared direction so that the masses are not just proportional to token counts.
-    k[:, classes[0] == ak.IMAGE] += 0.5 * q.mean((1, 2))[:, None, None]
-    reweight = None
-    if args.vaf:
-        mul = torch.zeros(5, 5)
-        mul[[ak.USER, ak.RESPONSE], ak.IMAGE] = args.vaf
-        reweight = ak.Reweight(mul=mul)
-
-    def run(backend):
-        return ak.attention(q, k, v, classes, num_classes=5, causal=True, reweight=reweight, return_lse=True,
-                            backend=backend)
-
-    res = run(args.backend)
-    print(f"avar-kernels {ak.__version__}: S={s} (system {args.system}, image {args.image}, user {args.user}, "
-          f"response {args.response}), heads {args.heads}/{args.kv_heads}, D={args.head_dim}, {args.dtype}, "
-          f"{args.device}, backend={args.backend}" + (f", VAF mul={args.vaf}" if args.vaf else ""))
-    print("\nMean attention mass per query class (rows) on each key class (columns):")
-    names = [CLASS_NAMES[c] for c in range(5)]
-    print(f"{'':>10}" + "".join(f"{n:>10}" for n in names))
-    for c in (ak.SYSTEM, ak.IMAGE, ak.USER, ak.RESPONSE):
-        if not bool((classes[0] == c).any()):
-            continue
-        rows = res.mass[0][:, classes[0] == c].float().mean((0, 1))
-        print(f"{CLASS_NAMES[c]:>10}" + "".join(f"{x:10.4f}" for x in rows.tolist()))
-
-    # Check against the float64 reference on the last rows (the reference materializes P).
-    tail = min(s, 256)
-    ref = ak.attention(q[:, -tail:].double(), k.double(), v.double(), classes, num_classes=5,
-                       query_class=classes[:, -tail:], causal=True, reweight=reweight, return_lse=True,
-                       backend="reference")
-    sub = ak.attention(q[:, -tail:], k, v, classes, num_classes=5, query_class=classes[:, -tail:], causal=True,
-                       reweight=reweight, return_lse=True, backend=args.backend)
-    print(f"\nmax |error| vs float64 reference on the last {tail} rows: "
-          f"out {(sub.out.double() - ref.out).abs().max():.2e}, mass {(sub.mass.double() - ref.mass).abs().max():.2e}, "
-          f"lse {(sub.lse.double() - ref.lse).abs().max():.2e}")
-
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
-                                                                            enable_gqa=True), args.repeats)
-    t_avar = _time(lambda: run(args.backend), args.repeats)
-    print(f"forward time: SDPA (no masses) {t_sdpa * 1e3:.1f} ms, avar (out + masses) {t_avar * 1e3:.1f} ms, "
-          f"ratio {t_avar / t_sdpa:.2f}x")
-    return 0
 
 
 # ------------------------------------------------------------------------------------------------ vas
@@ -192,12 +39,13 @@ def load_image(path):
     return Image.open(path).convert("RGB")
 
 
-def _image_tensor(image) -> torch.Tensor:
-    """uint8 ``[3, H, W]`` from a tensor or a PIL image."""
+def _pil(image):
+    """A PIL RGB image from a PIL image or a uint8 ``[3, H, W]`` tensor."""
+    from PIL import Image
+
     if isinstance(image, torch.Tensor):
-        return image
-    import numpy as np
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    return image
 
 
 def chat_messages(question, system=SYSTEM_PROMPT):
@@ -205,21 +53,15 @@ def chat_messages(question, system=SYSTEM_PROMPT):
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
 
-def _qwen_patches(image, vision_config, grid):
-    """What the Qwen2-VL image processor makes of ``image``: resized to the grid, CLIP-normalized, flattened into
-    ``[t*h*w, C*tps*patch*patch]`` patches in merge-window order."""
+def _qwen_image_processor(vision_config, grid):
+    """transformers' torchvision-free Qwen2-VL image processor, sized so that an image becomes ``grid`` patches."""
+    from transformers import Qwen2VLImageProcessorPil
+
     t, h, w = grid
-    patch, merge, tps = vision_config.patch_size, vision_config.spatial_merge_size, vision_config.temporal_patch_size
-    x = _image_tensor(image).float()[None] / 255.0
-    x = torch.nn.functional.interpolate(x, size=(h * patch, w * patch), mode="bilinear", antialias=True,
-                                        align_corners=False)[0]
-    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-    x = ((x - mean) / std)[None].repeat(t * tps, 1, 1, 1)                       # [t*tps, C, H, W]
-    c = x.shape[1]
-    x = x.reshape(t, tps, c, h // merge, merge, patch, w // merge, merge, patch)
-    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(t * h * w, c * tps * patch * patch)
+    pixels = h * w * vision_config.patch_size ** 2
+    return Qwen2VLImageProcessorPil(patch_size=vision_config.patch_size, merge_size=vision_config.spatial_merge_size,
+                                    temporal_patch_size=vision_config.temporal_patch_size,
+                                    size={"shortest_edge": pixels, "longest_edge": pixels})
 
 
 class VasRun:
@@ -251,7 +93,11 @@ def tiny_qwen2_5_vl(image, question, *, device="cpu", dtype=torch.float32, seed=
               "<|im_end|>", nl, "<|im_start|>", "assistant", nl]
     ids = tok.convert_tokens_to_ids(tokens)                              # words outside the tiny vocabulary: [UNK]
     inputs = make_inputs([ids])                                          # one <|image_pad|> -> 4 image tokens
-    inputs["pixel_values"] = _qwen_patches(image, model.config.vision_config, tuple(inputs["image_grid_thw"][0]))
+    grid = tuple(int(x) for x in inputs["image_grid_thw"][0])
+    pixels = _qwen_image_processor(model.config.vision_config, grid)(images=[_pil(image)], return_tensors="pt")
+    if tuple(int(x) for x in pixels["image_grid_thw"][0]) != grid:
+        raise RuntimeError(f"image processor made a {pixels['image_grid_thw'][0].tolist()} grid, expected {grid}")
+    inputs["pixel_values"] = pixels["pixel_values"]
     classes = ah.token_classes(inputs["input_ids"], tok, image_token_id=model.config.image_token_id)
     model.to(device=device, dtype=dtype)
     eager.to(device=device, dtype=dtype)
@@ -307,7 +153,7 @@ def eager_check(run: VasRun, masses) -> float:
 
     with torch.no_grad():
         out = run.eager(**run.inputs, output_attentions=True)
-    onehot = torch.nn.functional.one_hot(run.classes, ah.NUM_CLASSES).float()[:, None]       # [B, 1, S, C]
+    onehot = torch.nn.functional.one_hot(run.classes, ak.NUM_CLASSES).float()[:, None]       # [B, 1, S, C]
     if len(out.attentions) != len(masses):
         raise RuntimeError(f"eager check: {len(out.attentions)} eager layers, {len(masses)} recorded")
     return max(float((m.float() - a.float() @ onehot).abs().max()) for m, a in zip(masses, out.attentions))
@@ -326,7 +172,7 @@ def answers(run: VasRun, alpha_img, max_new_tokens):
     return run.decode(plain[0, n:].tolist()), run.decode(boosted[0, n:].tolist())
 
 
-def _add_vas_parser(sub):
+def register(sub):
     p = sub.add_parser(
         "vas", help="Visual Attention Score of a VLM on one image + question, answers with/without VAF",
         description="Measure the Visual Attention Score (image mass / system mass of the user-turn rows) and the "
@@ -337,18 +183,19 @@ def _add_vas_parser(sub):
     p.add_argument("--model", default=None, metavar="PATH_OR_NAME",
                    help="a VLM checkpoint (hub name or local path), loaded with AutoModelForImageTextToText and "
                         "AutoProcessor, e.g. Qwen/Qwen2.5-VL-7B-Instruct (default: the embedded tiny random model)")
-    p.add_argument("--image", default=None, metavar="FILE", help="an image file (default: a synthetic test pattern)")
+    p.add_argument("--image", type=A.existing_file, default=None, metavar="FILE", 
+                   help="an image file (default: a synthetic test pattern)")
     p.add_argument("--question", default=DEFAULT_QUESTION, help=f"default: {DEFAULT_QUESTION!r}")
-    p.add_argument("--device", type=_device, default=None,
+    p.add_argument("--device", type=A.device, default=None,
                    help="default: cuda if available, else cpu (the embedded model: cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="auto: bfloat16 for a checkpoint on cuda, float32 otherwise")
-    p.add_argument("--vaf", type=_finite_float, default=0.15, metavar="ALPHA",
+    p.add_argument("--vaf", type=A.finite_float, default=0.15, metavar="ALPHA",
                    help="VAF strength: image keys MUL=+ALPHA for user/response rows (default 0.15)")
-    p.add_argument("--max-new-tokens", type=_nonneg_int, default=32, metavar="N",
+    p.add_argument("--max-new-tokens", type=A.nonneg_int, default=32, metavar="N",
                    help="tokens to generate per answer; 0 skips generation (default 32)")
     p.add_argument("--layers", action="store_true", help="also print the per-head VAS of every layer")
-    p.set_defaults(run=run_vas, parser=p)
+    p.set_defaults(run=run, parser=p)
     return p
 
 
@@ -356,18 +203,16 @@ def _change(before, after):
     return f"{(after / before - 1) * 100:+.2f}%" if before and math.isfinite(before) else f"was {before:.4f}"
 
 
-def run_vas(args):
+def run(args):
     from avar_kernels import metrics
 
     p = args.parser
-    device = args.device or ("cpu" if args.model is None else _default_device())
+    device = args.device or ("cpu" if args.model is None else A.default_device())
     if args.dtype == "auto":
         dtype = torch.bfloat16 if args.model is not None and device.startswith("cuda") else torch.float32
     else:
         dtype = getattr(torch, args.dtype)
     if args.image is not None:
-        if not os.path.isfile(args.image):
-            p.error(f"argument --image: no such file: {args.image!r}")
         try:
             image = load_image(args.image)
         except Exception as e:  # noqa: BLE001 - Pillow missing, not an image, ...
@@ -429,33 +274,3 @@ def run_vas(args):
     return 0
 
 
-# ------------------------------------------------------------------------------------------------ main
-
-SUBCOMMANDS = ("op", "vas")
-
-
-def build_parser():
-    p = argparse.ArgumentParser(
-        prog="avar-kernels",
-        description="Fused attention with per-class masses (op) and the model integration (vas).",
-        epilog="'avar-kernels' alone, or with op options only, runs 'op'. "
-               "'avar-kernels SUBCOMMAND --help' for the options of each.")
-    sub = p.add_subparsers(title="subcommands", dest="command", metavar="{op,vas}")
-    _add_op_parser(sub)
-    _add_vas_parser(sub)
-    return p
-
-
-def main(argv=None):
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    # 'op' is the default subcommand: no arguments, or op options without a subcommand (the pre-subcommand CLI).
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["op", *argv]
-    args = build_parser().parse_args(argv)
-    return args.run(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
