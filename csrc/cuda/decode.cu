@@ -57,6 +57,11 @@ template <> __device__ __forceinline__ __half2 from_float2<__half>(float a, floa
 template <> __device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, float b) {
     return __floats2bfloat162_rn(a, b);
 }
+// Explicit conversions: torch's extension build defines __CUDA_NO_HALF_CONVERSIONS__ and
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit float -> __half / __nv_bfloat16 constructors.
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
 // 8 elements (16 bytes, one 128-bit load) -> 8 floats.
 template <typename T> __device__ __forceinline__ void load8(const T* ptr, float* f) {
@@ -460,7 +465,7 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
             const float w = wsh[warp][s];
             if (w != 0.f) acc += w * p.ws_out[(s * rows_total + row) * p.D + d];
         }
-        out[d] = static_cast<T>(acc * inv);
+        out[d] = from_float<T>(acc * inv);
     }
     for (int c = lane; c < p.C; c += 32) {
         float acc = 0.f;
