@@ -9,8 +9,19 @@ Public API::
 """
 from .attention import attention, attention_varlen
 from .kvcache import attention_with_kvcache
-from .types import (CLASS_NAMES, IMAGE, MAX_CLASSES, NUM_CLASSES, OTHER, RESPONSE, SYSTEM, USER, VIDEO,
-                    AttentionOutput, Reweight)
+from .types import (
+                    CLASS_NAMES,
+                    IMAGE,
+                    MAX_CLASSES,
+                    NUM_CLASSES,
+                    OTHER,
+                    RESPONSE,
+                    SYSTEM,
+                    USER,
+                    VIDEO,
+                    AttentionOutput,
+                    Reweight,
+)
 
 __all__ = ["attention", "attention_varlen", "attention_with_kvcache", "Reweight", "AttentionOutput",
            "OTHER", "IMAGE", "SYSTEM", "USER", "RESPONSE", "VIDEO", "NUM_CLASSES", "CLASS_NAMES", "MAX_CLASSES"]

@@ -105,7 +105,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         idx = [torch.arange(ck[n + 1] - lens_q[n], ck[n + 1]) for n in range(len(lens_q))]
         return key_class[torch.cat(idx).to(key_class.device)]
 
-    hq, d = q.shape[1], q.shape[2]
+    d = q.shape[2]
     key_class, query_class, num_classes = _checks.resolve_classes(
         key_class, query_class, num_classes, reweight, (k.shape[0],), (q.shape[0],), q.device,
         default_query_class)

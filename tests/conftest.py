@@ -3,7 +3,6 @@ import os
 
 import pytest
 import torch
-
 from hypothesis import settings
 
 # CI runs the fuzz tests on a fixed sequence of examples (a submission must not pass or fail by chance);

@@ -1,11 +1,11 @@
 """The fused op through the public API, on the CPU backend, against the float64 reference (SPEC 6)."""
 import pytest
 import torch
+from helpers import check_against_reference, padded_inputs, random_reweight, varlen_inputs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import avar_kernels as ak
-from helpers import check_against_reference, padded_inputs, random_reweight, varlen_inputs
 
 BACKEND = "cpu"
 
@@ -312,7 +312,7 @@ def _check_table_grads(fn, args, kwargs, tabs):
     for n in tabs:
         assert got[n] is not None and got[n].shape == tabs[n].shape, n
         scale = ref[n].abs().max().item()
-        torch.testing.assert_close(got[n], ref[n], atol=1e-4 * max(scale, 1.0), rtol=1e-3, msg=lambda m: f"{n}: {m}")
+        torch.testing.assert_close(got[n], ref[n], atol=1e-4 * max(scale, 1.0), rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")
     # out / mass / lse / dq / dk / dv with learned tables, under the FA rule
     rw = ak.Reweight(**{n: t.detach().float().requires_grad_(True) for n, t in tabs.items()})
     check_against_reference(fn, args, dict(kwargs, reweight=rw), torch.float32, BACKEND)
@@ -369,4 +369,4 @@ def test_learned_tables_on_triton():
         scale = ref[n].abs().max().item()
         assert scale > 0, n
         torch.testing.assert_close(got[n].double(), ref[n].double(), atol=1e-5 * max(scale, 1.0), rtol=1e-4,
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")

@@ -6,12 +6,12 @@ import torch
 
 pytest.importorskip("transformers")
 
+from test_hf_models import models, rows_for  # noqa: E402
+
 import avar_kernels  # noqa: E402
 import avar_kernels.hf as ah  # noqa: E402
 from avar_kernels import IMAGE, RESPONSE, SYSTEM, USER  # noqa: E402
 from avar_kernels.hf import testing as T  # noqa: E402
-
-from test_hf_models import models, rows_for  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*falling back to the slow reference backend.*")
 C = ah.NUM_CLASSES

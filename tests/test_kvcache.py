@@ -1,7 +1,6 @@
 """Decode with a KV cache (attention_with_kvcache): the packed fallback on the CPU, the CUDA split-KV kernel on a
 GPU, argument errors, and the nvcc compile check of csrc/cuda. The oracle is the float64 reference run per
 sequence on that sequence's valid keys, gathered here independently of avar_kernels.kvcache."""
-import math
 import os
 import shutil
 import subprocess
@@ -9,11 +8,11 @@ import time
 
 import pytest
 import torch
+from helpers import ATOL, fa_close, random_reweight
 
 import avar_kernels as ak
 from avar_kernels import kvcache, reference
 from avar_kernels.kvcache import attention_with_kvcache
-from helpers import ATOL, fa_close, random_reweight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -114,8 +114,9 @@ def tiny_qwen2_5_vl(image, question, *, device="cpu", dtype=torch.float32, seed=
 def load_checkpoint(name, image, question, *, device="cuda", dtype=torch.bfloat16) -> VasRun:
     """A real checkpoint (a hub name or a local path) with ``"avar"`` text attention and ``sdpa`` vision
     attention, its AutoProcessor, and the chat-template inputs for ``image`` + ``question``."""
-    import avar_kernels.hf as ah
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    import avar_kernels.hf as ah
 
     model = AutoModelForImageTextToText.from_pretrained(
         name, dtype=dtype, device_map=device, attn_implementation={"text_config": "avar", "vision_config": "sdpa"})
@@ -149,7 +150,6 @@ def measure(run: VasRun, vaf_alpha=None):
 
 def eager_check(run: VasRun, masses) -> float:
     """Max |recorded mass - eager attention weights summed by key class| over layers, heads and rows."""
-    import avar_kernels.hf as ah
 
     with torch.no_grad():
         out = run.eager(**run.inputs, output_attentions=True)
@@ -183,7 +183,7 @@ def register(sub):
     p.add_argument("--model", default=None, metavar="PATH_OR_NAME",
                    help="a VLM checkpoint (hub name or local path), loaded with AutoModelForImageTextToText and "
                         "AutoProcessor, e.g. Qwen/Qwen2.5-VL-7B-Instruct (default: the embedded tiny random model)")
-    p.add_argument("--image", type=A.existing_file, default=None, metavar="FILE", 
+    p.add_argument("--image", type=A.existing_file, default=None, metavar="FILE",
                    help="an image file (default: a synthetic test pattern)")
     p.add_argument("--question", default=DEFAULT_QUESTION, help=f"default: {DEFAULT_QUESTION!r}")
     p.add_argument("--device", type=A.device, default=None,
