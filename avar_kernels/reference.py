@@ -60,9 +60,15 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
                                 key_class[ck[n]:ck[n + 1]].long())
         keep = key_mask(sq, sk, window_left, window_right, q.device)
         z = z.masked_fill(~keep, -math.inf)
-        lse = torch.logsumexp(z, dim=-1)  # [H, sq], -inf on empty rows
-        # Empty rows: subtract 0 instead of -inf so that P is exactly 0 there, with finite gradients.
-        p = torch.exp(z - torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)[..., None])
+        # Normalise by the row sum after subtracting the row max (not exp(z - lse)): with huge scores
+        # (|z| ~ 1e30) lse = max + log(n) rounds to max and exp(z - lse) would not sum to 1.
+        # Empty rows (max -inf) subtract 0 so that P is exactly 0 there, with finite gradients; NaN propagates.
+        zmax = z.amax(dim=-1, keepdim=True) if sk else z.new_full((*z.shape[:-1], 1), -math.inf)
+        empty = zmax == -math.inf
+        e = torch.exp(z - torch.where(empty, torch.zeros_like(zmax), zmax))
+        total = e.sum(dim=-1, keepdim=True)
+        p = e / torch.where(empty, torch.ones_like(total), total)
+        lse = (zmax + torch.log(total)).squeeze(-1)  # [H, sq], -inf on empty rows
         outs.append(torch.matmul(p, vs).transpose(0, 1))
         lses.append(lse)
         if num_classes > 0:

@@ -243,6 +243,59 @@ def test_bad_options():
         ak.attention(q, k, v, softmax_scale=float("nan"), backend=BACKEND)
     with pytest.raises(TypeError, match="triton.*float64"):
         ak.attention(*_qkv(dtype=torch.float64), backend="triton")
+    for flag in ("causal", "return_mass", "return_lse"):
+        with pytest.raises(TypeError, match=f"{flag}: expected a bool"):
+            ak.attention(q, k, v, backend=BACKEND, **{flag: "yes"})
+
+
+def test_unavailable_backend_is_a_value_error(monkeypatch):
+    from avar_kernels import _backends
+
+    monkeypatch.setattr(_backends.backend_module("cpu"), "is_available", lambda: False)
+    with pytest.raises(ValueError, match="backend='cpu' is not available: the C\\+\\+ extension"):
+        ak.attention(*_qkv(), backend="cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", BACKEND])
+@pytest.mark.parametrize("shape", [(1, 0, 5), (1, 5, 0), (0, 5, 5), (2, 0, 0)], ids=lambda s: "b{}-q{}-k{}".format(*s))
+def test_empty_in_empty_out(shape, backend):
+    b, sq, sk = shape
+    q = torch.randn(b, sq, 4, 16, requires_grad=True)
+    k = torch.randn(b, sk, 2, 16, requires_grad=True)
+    v = torch.randn(b, sk, 2, 16, requires_grad=True)
+    kc = torch.zeros(b, sk, dtype=torch.long)
+    qc = torch.zeros(b, sq, dtype=torch.long)
+    res = ak.attention(q, k, v, kc, query_class=qc, num_classes=3, causal=True, return_lse=True,
+                       reweight=ak.Reweight(mul=[0.0, 0.5, 0.0]), backend=backend)
+    assert res.out.shape == (b, sq, 4, 16) and res.mass.shape == (b, 4, sq, 3) and res.lse.shape == (b, 4, sq)
+    assert (res.out == 0).all() and (res.mass == 0).all() and torch.isinf(res.lse).all()
+    res.out.sum().backward()
+    assert all(t.grad is not None and (t.grad == 0).all() for t in (q, k, v))
+
+
+def test_empty_varlen_with_reweight():
+    q, k, v = torch.randn(0, 4, 16), torch.randn(0, 2, 16), torch.randn(0, 2, 16)
+    cu = torch.zeros(3, dtype=torch.int32)
+    res = ak.attention_varlen(q, k, v, cu, cu, 0, 0, torch.zeros(0, dtype=torch.long), num_classes=2,
+                              reweight=ak.Reweight(add=[0.3, 0.0]), backend=BACKEND)
+    assert res.out.shape == (0, 4, 16) and res.mass.shape == (4, 0, 2)
+
+
+def test_reference_stays_normalised_at_huge_scores():
+    q, k, v = (torch.randn(1, 6, 2, 8, dtype=torch.float64) for _ in range(3))
+    kc = torch.tensor([[0, 0, 1, 1, 0, 1]])
+    for dtype in (torch.float64, torch.float32):
+        res = ak.attention(q.to(dtype), k.to(dtype), v.to(dtype), kc, reweight=ak.Reweight(add=[1e30, 0.0]),
+                           backend="reference")
+        torch.testing.assert_close(res.mass.sum(-1), torch.ones(1, 2, 6, dtype=res.mass.dtype))
+
+
+def test_double_backward_is_a_clear_error():
+    q, k, v = (torch.randn(1, 5, 2, 8, requires_grad=True) for _ in range(3))
+    out = ak.attention(q, k, v, causal=True, backend=BACKEND).out
+    (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="first order only"):
+        g.sum().backward()
 
 
 def test_bad_cu_seqlens():
