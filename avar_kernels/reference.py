@@ -23,7 +23,7 @@ def key_mask(sq: int, sk: int, window_left: int, window_right: int, device) -> t
 
 
 def reweight_scores(z, mul, abs_, add, qcls, kcls):
-    """z [H, sq, sk] -> z' of SPEC 2 with tables [H, C, C] gathered by (query class, key class)."""
+    """z [H, sq, sk] -> z' of docs/op.md with tables [H, C, C] gathered by (query class, key class)."""
     def table(t):
         return t[:, qcls][:, :, kcls].to(z.dtype)  # [H, sq, sk]
 

@@ -1,4 +1,4 @@
-"""Shared test helpers: inputs, the FlashAttention tolerance rule (SPEC 6) and a reference comparison."""
+"""Shared test helpers: inputs, the FlashAttention tolerance rule (docs/op.md) and a reference comparison."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The fused op through the public API, on the CPU backend, against the float64 reference (SPEC 6)."""
+"""The fused op through the public API, on the CPU backend, against the float64 reference (docs/op.md, "How results are judged")."""
 import pytest
 import torch
 from helpers import check_against_reference, padded_inputs, random_reweight, varlen_inputs
@@ -340,7 +340,7 @@ def test_gradcheck_float64_tables(form):
                            return_lse=True, backend=BACKEND)
         return res.out, res.mass, res.lse
 
-    # The tables are float32 inside the op (SPEC 2): a float32-sized step and tolerance.
+    # The tables are float32 inside the op (docs/op.md): a float32-sized step and tolerance.
     assert torch.autograd.gradcheck(fn, (tabs["mul"], tabs["abs"], tabs["add"]), eps=1e-3, atol=2e-4, rtol=1e-3)
 
 

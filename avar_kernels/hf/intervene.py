@@ -1,7 +1,7 @@
 """Class-wise re-weighting of the pre-softmax scores inside a model (training-free interventions).
 
 ``z' = z * (1 + MUL[h, a, b]) + ABS[h, a, b] * |z| + ADD[h, a, b]`` for a query of class ``a`` and a key of class
-``b`` (SPEC 2), applied per layer, per head and per query class through :class:`avar_kernels.Reweight` tables.
+``b`` (docs/op.md), applied per layer, per head and per query class through :class:`avar_kernels.Reweight` tables.
 Interventions active at the same time add their tables.
 """
 from __future__ import annotations
