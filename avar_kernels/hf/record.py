@@ -49,10 +49,6 @@ def controller(model) -> "_Controller":
     return ctl
 
 
-def _num_heads(lm):
-    return lm.config.num_attention_heads
-
-
 class _Forward:
     """What one forward of the language model hands to its attention calls (``avar_context`` kwarg).
 
@@ -82,8 +78,6 @@ class _Forward:
 class _Controller:
     def __init__(self, model):
         self.lm = find_language_model(model)
-        self.num_layers = self.lm.config.num_hidden_layers
-        self.num_heads = _num_heads(self.lm)
         self.classes_stack: list = []
         self.recorders: list = []
         self.interventions: list = []
