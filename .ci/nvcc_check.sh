@@ -5,8 +5,9 @@
 # defines and include paths. The flags are read from torch.utils.cpp_extension and setup.py, not written here, so
 # that this check and `pip install` cannot drift apart again. Every csrc/cuda/*.cu is compiled for each arch with
 # -Xptxas -v (registers, spills and shared memory per kernel are summarized at the end); the torch binding
-# (csrc/cuda_bindings.cpp) is compiled host-side with the extension's cxx flags. Fails on any compile error;
-# skips (exit 0) when nvcc is absent.
+# (csrc/cuda_bindings.cpp) is compiled host-side with the extension's cxx flags, and the decode split planner's unit
+# test (csrc/cuda/decode_plan_test.cpp) is built and run. Fails on any compile error or failed test; skips (exit 0)
+# when nvcc is absent.
 #
 #   AVAR_NVCC_CHECK_FULL=1   compile every head-dim instantiation (default: only D=128 via
 #                            -DAVAR_DECODE_ONLY_HDIM=128, the same kernel template; about 4x faster)
@@ -129,6 +130,13 @@ echo "nvcc_check: ${cmd[*]}"
 pids+=($!)
 logs+=("$bind_log")
 
+# The split planner's unit test (host code of decode.h; runs without a GPU).
+plan_log="$WORK/decode_plan_test.log"
+( "$NVCC" -std=c++17 -Icsrc/cuda csrc/cuda/decode_plan_test.cpp -o "$WORK/decode_plan_test" &&
+  "$WORK/decode_plan_test" ) >"$plan_log" 2>&1 &
+pids+=($!)
+logs+=("$plan_log")
+
 status=0
 for i in "${!pids[@]}"; do
     if ! wait "${pids[$i]}"; then
@@ -180,4 +188,4 @@ for r in rows:
           f" {r['smem']:>6}")
 PY
 echo "nvcc_check: OK: ${#SOURCES[@]} source(s) x ${#ARCHS[@]} arch(s) (${ARCHS[*]}) ${DEFS[*]:-all head dims}" \
-     "+ binding, with torch's extension flags, in $((end - start)) s"
+     "+ binding, with torch's extension flags; $(tail -n 1 "$plan_log"); in $((end - start)) s"

@@ -1,12 +1,16 @@
 // Torch binding of the CUDA decode kernels (csrc/cuda/decode.{h,cu}) -> module avar_kernels._cuda.
-// Checks the tensors, allocates the outputs and the fp32 split workspace, asks the SM count and launches on
-// the current stream. The Python wrapper (avar_kernels/kvcache.py) does the user-facing argument checks.
+// Checks the tensors, allocates the outputs and the fp32 split workspace, plans the key splits from the GPU's
+// resident CTA slots (read once per device and kernel, then cached) and launches on the current stream. The
+// Python wrapper (avar_kernels/kvcache.py) does the user-facing argument checks.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <map>
+#include <mutex>
 #include <optional>
 #include <tuple>
 
@@ -37,6 +41,31 @@ const float* table_ptr(const std::optional<at::Tensor>& t, const char* name, int
     TORCH_CHECK(t->dim() == 3 && t->size(0) == hq && t->size(1) == c && t->size(2) == c, name,
                 ": expected shape [", hq, ", ", c, ", ", c, "], got ", t->sizes());
     return t->data_ptr<float>();
+}
+
+// CTAs of the split kernel the device holds at once (SMs x CTAs per SM at this row count), for the planner. The
+// first call per (device, dtype, head dim, rows per CTA) also raises the kernel's shared-memory limit
+// (avar_decode_prepare); later decode steps read the cache instead of querying the driver.
+int64_t resident_ctas(const avar::DecodeParams& p, int device) {
+    static std::mutex mutex;
+    static std::map<std::tuple<int, int, int, int>, int64_t> cache;
+    const int rows = std::min((p.Hq / p.Hk) * p.Sq, avar::avar_decode_rows_per_cta(p.D));
+    const auto key = std::make_tuple(device, int(p.dtype), p.D, rows);
+    const std::lock_guard<std::mutex> lock(mutex);
+    const auto hit = cache.find(key);
+    if (hit != cache.end()) return hit->second;
+    int num_sms = 0, per_sm = 0;
+    TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device) == cudaSuccess,
+                "cudaDeviceGetAttribute(multiProcessorCount) failed");
+    const cudaError_t err = avar::avar_decode_prepare(p, &per_sm);
+    TORCH_CHECK(err == cudaSuccess, "avar decode kernel setup failed: ", cudaGetErrorString(err));
+    const int64_t slots = int64_t(num_sms) * std::max(1, per_sm);
+    cache.emplace(key, slots);
+    return slots;
+}
+
+avar::DecodeDtype decode_dtype(at::ScalarType t) {
+    return t == at::kBFloat16 ? avar::DecodeDtype::kBFloat16 : avar::DecodeDtype::kFloat16;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
@@ -70,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
 
     const c10::cuda::CUDAGuard guard(dev);
     avar::DecodeParams p;
-    p.dtype = q.scalar_type() == at::kBFloat16 ? avar::DecodeDtype::kBFloat16 : avar::DecodeDtype::kFloat16;
+    p.dtype = decode_dtype(q.scalar_type());
     p.q = q.data_ptr();
     p.q_batch_stride = q.stride(0);
     p.q_seq_stride = q.stride(1);
@@ -141,10 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     p.causal = causal;
     if (B == 0) return {out, lse, mass};
 
-    int num_sms = 0;
-    TORCH_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev.index()) == cudaSuccess,
-                "cudaDeviceGetAttribute(multiProcessorCount) failed");
-    avar::avar_decode_plan(p, num_sms, int(num_splits));
+    avar::avar_decode_plan(p, resident_ctas(p, dev.index()), int(num_splits));
     at::Tensor ws;
     const size_t ws_floats = avar::avar_decode_workspace_floats(p);
     if (ws_floats > 0) {
@@ -159,17 +185,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     return {out, lse, mass};
 }
 
-std::tuple<int64_t, int64_t> decode_plan(int64_t B, int64_t Sq, int64_t Hq, int64_t Hk, int64_t D, int64_t sk_max,
-                                         int64_t num_sms) {
+// The plan decode_fwd makes for a shape on a device: (num_splits, keys_per_split, resident CTAs); benchmarks
+// print it beside the timings.
+std::tuple<int64_t, int64_t, int64_t> decode_plan(int64_t B, int64_t Sq, int64_t Hq, int64_t Hk, int64_t D,
+                                                  int64_t sk_max, at::ScalarType dtype, int64_t device) {
+    TORCH_CHECK(Hk > 0 && Hq % Hk == 0 && Sq >= 1 && avar::avar_decode_supported_head_dim(int(D)),
+                "decode_plan: unsupported shape");
+    const c10::cuda::CUDAGuard guard(c10::Device(c10::DeviceType::CUDA, c10::DeviceIndex(device)));
     avar::DecodeParams p;
+    p.dtype = decode_dtype(dtype);
     p.B = int(B);
     p.Sq = int(Sq);
     p.Hq = int(Hq);
     p.Hk = int(Hk);
     p.D = int(D);
     p.Sk_max = int(sk_max);
-    avar::avar_decode_plan(p, int(num_sms), 0);
-    return {p.num_splits, p.keys_per_split};
+    const int64_t slots = resident_ctas(p, int(device));
+    avar::avar_decode_plan(p, slots, 0);
+    return {p.num_splits, p.keys_per_split, slots};
 }
 
 }  // namespace
@@ -183,6 +216,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           pybind11::arg("mul") = std::nullopt, pybind11::arg("abs_") = std::nullopt,
           pybind11::arg("add") = std::nullopt, pybind11::arg("scale") = 1.0, pybind11::arg("causal") = true,
           pybind11::arg("num_splits") = 0);
-    m.def("decode_plan", &decode_plan, "(num_splits, keys_per_split) the launcher would choose");
-    m.def("supported_head_dim", [](int64_t d) { return avar::avar_decode_supported_head_dim(int(d)); });
+    m.def("decode_plan", &decode_plan, "(num_splits, keys_per_split, resident CTAs) decode_fwd would use",
+          pybind11::arg("B"), pybind11::arg("Sq"), pybind11::arg("Hq"), pybind11::arg("Hk"), pybind11::arg("D"),
+          pybind11::arg("sk_max"), pybind11::arg("dtype"), pybind11::arg("device"));
 }

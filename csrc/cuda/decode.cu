@@ -28,7 +28,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kStages = 2;
-constexpr int kMaxSplits = 128;
 constexpr int kCombineRowsPerBlock = 4;
 
 template <int D> struct DecodeConfig {
@@ -61,7 +60,9 @@ template <> __device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>
 // __CUDA_NO_BFLOAT16_CONVERSIONS__, which remove the implicit float -> __half / __nv_bfloat16 constructors.
 template <typename T> __device__ __forceinline__ T from_float(float x);
 template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
 
 // 8 elements (16 bytes, one 128-bit load) -> 8 floats.
 template <typename T> __device__ __forceinline__ void load8(const T* ptr, float* f) {
@@ -437,7 +438,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 // One warp per output row: lse_total = logsumexp_s lse_s; out = sum_s exp(lse_s - lse_total) out_s (same for mass).
 template <typename T>
 __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kernel(const DecodeParams p) {
-    __shared__ float wsh[kCombineRowsPerBlock][kMaxSplits];
+    __shared__ float wsh[kCombineRowsPerBlock][kDecodeMaxSplits];
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int64_t rows_total = int64_t(p.B) * p.Hq * p.Sq;
     const int64_t row = int64_t(blockIdx.x) * kCombineRowsPerBlock + warp;
@@ -483,16 +484,25 @@ template <int D> int row_chunks(const DecodeParams& p) {
     return (R + DecodeConfig<D>::kRows - 1) / DecodeConfig<D>::kRows;
 }
 
-template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cudaStream_t stream) {
-    using Cfg = DecodeConfig<D>;
-    const int R = (p.Hq / p.Hk) * p.Sq;
-    const int rows_cap = std::min(R, Cfg::kRows);
-    const size_t smem = split_smem_bytes<T, D>(rows_cap);
+template <int D> int rows_cap(const DecodeParams& p) {
+    return std::min((p.Hq / p.Hk) * p.Sq, DecodeConfig<D>::kRows);
+}
+
+// The shared-memory limit is raised once (avar_decode_prepare), not per launch: cudaFuncSetAttribute costs a
+// driver call on every decode step otherwise.
+template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, int* ctas_per_sm) {
     auto kernel = decode_split_kernel<T, D>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(split_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
     if (err != cudaSuccess) return err;
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, kThreads,
+                                                         split_smem_bytes<T, D>(rows_cap<D>(p)));
+}
+
+template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cudaStream_t stream) {
+    const int rc = rows_cap<D>(p);
     const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_chunks<D>(p)));
-    kernel<<<grid, kThreads, smem, stream>>>(p, rows_cap);
+    decode_split_kernel<T, D><<<grid, kThreads, split_smem_bytes<T, D>(rc), stream>>>(p, rc);
     return cudaGetLastError();
 }
 
@@ -520,6 +530,18 @@ template <typename T> cudaError_t launch_combine(const DecodeParams& p, cudaStre
         return __VA_ARGS__();    \
     }
 #endif
+
+template <typename T> cudaError_t dispatch_prepare(const DecodeParams& p, int* ctas_per_sm) {
+    switch (p.D) {
+        AVAR_HDIM_CASE(64, [&] { return prepare_split<T, kD>(p, ctas_per_sm); })
+        AVAR_HDIM_CASE(80, [&] { return prepare_split<T, kD>(p, ctas_per_sm); })
+        AVAR_HDIM_CASE(96, [&] { return prepare_split<T, kD>(p, ctas_per_sm); })
+        AVAR_HDIM_CASE(128, [&] { return prepare_split<T, kD>(p, ctas_per_sm); })
+        AVAR_HDIM_CASE(256, [&] { return prepare_split<T, kD>(p, ctas_per_sm); })
+        default:
+            return cudaErrorInvalidValue;
+    }
+}
 
 template <typename T> cudaError_t dispatch_split(const DecodeParams& p, cudaStream_t stream) {
     switch (p.D) {
@@ -567,27 +589,21 @@ bool avar_decode_supported_head_dim(int D) {
 
 int avar_decode_rows_per_cta(int D) { return rows_per_cta_impl(D); }
 
-void avar_decode_plan(DecodeParams& p, int num_sms, int forced_splits) {
-    const int tn = tile_n_impl(p.D);
+void avar_decode_plan(DecodeParams& p, int64_t resident_ctas, int forced_splits) {
     const int rows = std::max(1, rows_per_cta_impl(p.D));
     const int R = (p.Hq / std::max(1, p.Hk)) * p.Sq;
     const int64_t base_ctas = int64_t(p.B) * p.Hk * ((R + rows - 1) / rows);
-    int splits;
-    if (forced_splits > 0) {
-        splits = forced_splits;
-    } else {
-        // ~2 waves of CTAs over the SMs, every split at least 256 keys.
-        const int64_t target = 2ll * std::max(1, num_sms);
-        const int64_t want = (target + std::max<int64_t>(1, base_ctas) - 1) / std::max<int64_t>(1, base_ctas);
-        const int by_len = std::max(1, p.Sk_max / 256);
-        splits = int(std::min<int64_t>(want, by_len));
-    }
-    splits = std::max(1, std::min(splits, kMaxSplits));
-    int kps = (p.Sk_max + splits - 1) / splits;
-    kps = std::max(tn, (kps + tn - 1) / tn * tn);
-    splits = std::max(1, (p.Sk_max + kps - 1) / kps);
-    p.num_splits = splits;
-    p.keys_per_split = kps;
+    const DecodeSplitPlan plan = avar_decode_split_plan(base_ctas, resident_ctas, p.Sk_max, tile_n_impl(p.D),
+                                                        forced_splits);
+    p.num_splits = plan.num_splits;
+    p.keys_per_split = plan.keys_per_split;
+}
+
+cudaError_t avar_decode_prepare(const DecodeParams& p, int* ctas_per_sm) {
+    if (p.Hk <= 0 || p.Hq % p.Hk != 0 || p.Sq <= 0 || !avar_decode_supported_head_dim(p.D))
+        return cudaErrorInvalidValue;
+    return p.dtype == DecodeDtype::kBFloat16 ? dispatch_prepare<__nv_bfloat16>(p, ctas_per_sm)
+                                             : dispatch_prepare<__half>(p, ctas_per_sm);
 }
 
 size_t avar_decode_workspace_floats(const DecodeParams& p) {
@@ -597,14 +613,14 @@ size_t avar_decode_workspace_floats(const DecodeParams& p) {
 }
 
 cudaError_t avar_decode_combine(const DecodeParams& p, cudaStream_t stream) {
-    if (p.num_splits > kMaxSplits) return cudaErrorInvalidValue;
+    if (p.num_splits > kDecodeMaxSplits) return cudaErrorInvalidValue;
     return p.dtype == DecodeDtype::kBFloat16 ? launch_combine<__nv_bfloat16>(p, stream)
                                              : launch_combine<__half>(p, stream);
 }
 
 cudaError_t avar_decode_fwd(const DecodeParams& p, cudaStream_t stream) {
     if (p.B <= 0 || p.Hq <= 0 || p.Hk <= 0 || p.Hq % p.Hk != 0 || p.Sq <= 0 || p.Sq > kDecodeMaxSq ||
-        p.C < 0 || p.C > kDecodeMaxClasses || p.num_splits < 1 || p.num_splits > kMaxSplits ||
+        p.C < 0 || p.C > kDecodeMaxClasses || p.num_splits < 1 || p.num_splits > kDecodeMaxSplits ||
         p.keys_per_split <= 0 || !avar_decode_supported_head_dim(p.D))
         return cudaErrorInvalidValue;
     if (p.num_splits > 1 && (p.ws_out == nullptr || p.ws_lse == nullptr || (p.C > 0 && p.ws_mass == nullptr)))

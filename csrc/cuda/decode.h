@@ -77,15 +77,54 @@ bool avar_decode_supported_head_dim(int head_dim);
 // Query rows (GQA group x Sq) one CTA holds; larger groups are cut into several row chunks.
 int avar_decode_rows_per_cta(int head_dim);
 
-// Chooses num_splits and keys_per_split (written to params) from B * Hk, Sk_max and the SM count:
-// about two waves of CTAs, each split at least 256 keys. max_splits <= 0 means no cap; forced_splits > 0
-// forces a count (tests).
-void avar_decode_plan(DecodeParams& params, int num_sms, int forced_splits = 0);
+constexpr int kDecodeMaxSplits = 128;
+constexpr int kDecodeMinKeysPerSplit = 256;
+
+struct DecodeSplitPlan {
+    int num_splits;
+    int keys_per_split;
+};
+
+// The split planner, a pure function (host only; unit-tested by csrc/cuda/decode_plan_test.cpp).
+//   base_ctas      CTAs of one split: B * Hk * row chunks
+//   resident_ctas  CTAs the GPU holds at once: SMs * CTAs per SM of the split kernel (occupancy)
+//   sk_max, tile_n the longest cache and the kernel's key tile
+// splits = floor(resident / base): the split grid fills one wave and no more (a second, partial wave costs about
+// as long as the first, as the flash-decoding heuristics note), at least kDecodeMinKeysPerSplit keys per split,
+// at most kDecodeMaxSplits. forced_splits > 0 forces a count (tests). keys_per_split is a multiple of tile_n, and
+// the count is then trimmed so that no split is empty.
+inline DecodeSplitPlan avar_decode_split_plan(int64_t base_ctas, int64_t resident_ctas, int sk_max, int tile_n,
+                                              int forced_splits = 0) {
+    int64_t splits;
+    if (forced_splits > 0) {
+        splits = forced_splits;
+    } else {
+        const int64_t base = base_ctas > 0 ? base_ctas : 1;
+        const int64_t by_wave = resident_ctas / base;
+        const int64_t by_len = sk_max / kDecodeMinKeysPerSplit;
+        splits = by_wave < by_len ? by_wave : by_len;
+    }
+    splits = splits < 1 ? 1 : (splits > kDecodeMaxSplits ? kDecodeMaxSplits : splits);
+    int64_t kps = (int64_t(sk_max) + splits - 1) / splits;
+    kps = (kps + tile_n - 1) / tile_n * tile_n;
+    if (kps < tile_n) kps = tile_n;
+    splits = (int64_t(sk_max) + kps - 1) / kps;
+    return {int(splits < 1 ? 1 : splits), int(kps)};
+}
+
+// Writes num_splits and keys_per_split into params (avar_decode_split_plan for its shape and head dim).
+void avar_decode_plan(DecodeParams& params, int64_t resident_ctas, int forced_splits = 0);
+
+// Once per (device, dtype, head dim) before the first avar_decode_fwd on that device: raises the split kernel's
+// dynamic shared-memory limit to its largest need, and writes how many of its CTAs fit on one SM for the row
+// count params implies (the planner's resident_ctas is that times the SM count). The binding caches both.
+cudaError_t avar_decode_prepare(const DecodeParams& params, int* ctas_per_sm);
 
 // Floats of workspace the plan in params needs (0 when num_splits == 1).
 size_t avar_decode_workspace_floats(const DecodeParams& params);
 
-// Launches the split kernel and, when num_splits > 1, the combine kernel. Returns the launch error.
+// Launches the split kernel and, when num_splits > 1, the combine kernel (avar_decode_prepare must have run on
+// this device for params' dtype and head dim). Returns the launch error.
 cudaError_t avar_decode_fwd(const DecodeParams& params, cudaStream_t stream);
 
 // The combine kernel alone (ws_* -> out, lse, mass); avar_decode_fwd calls it.
