@@ -1,4 +1,4 @@
-"""Metrics and losses on per-class attention masses (O(S) work; SPEC 4 of the project).
+"""Metrics and losses on per-class attention masses (O(S) work; docs/training.md for the AVAR objective).
 
 ``masses``: a list over layers of float ``[B, H, S, C]`` tensors (what :func:`avar_kernels.hf.record` gives), a
 tensor ``[L, B, H, S, C]``, or one layer ``[B, H, S, C]``. ``[B, S, C]`` pieces (``reduce="mean_heads"``) are
@@ -130,16 +130,33 @@ def vas_band(value: float) -> str:
     return "narrow" if v < 10 else "wide" if v <= 15 else "panoramic"
 
 
-def attention_guided_loss(masses, token_classes, *, query_class=USER, eps=1e-6):
-    """The AVAR attention-guided SFT terms ``(L_enh, L_sup)`` (SPEC 4), differentiable:
+def _query_rows(classes, query_class, query_mask):
+    """float ``[B, S]``: 1 on the query rows (``query_mask`` if given, else the rows of ``query_class``)."""
+    if query_mask is None:
+        return (classes == query_class).float()
+    qm = torch.as_tensor(query_mask, device=classes.device)
+    if qm.dim() == 1:
+        qm = qm[None]
+    if qm.dtype != torch.bool:
+        raise TypeError(f"metrics: query_mask must be a bool tensor, got dtype {qm.dtype}")
+    if qm.shape != classes.shape:
+        raise ValueError(f"metrics: query_mask {tuple(qm.shape)} does not match token_classes {tuple(classes.shape)}")
+    return qm.float()
+
+
+def attention_guided_loss(masses, token_classes, *, query_class=USER, query_mask=None, eps=1e-6):
+    """The AVAR attention-guided SFT terms ``(L_enh, L_sup)``, differentiable:
 
     ``L_enh = - mean_l mean_h log( sum_{i in Q} mass[i, IMG] / (|Q| |K_img|) + eps )``,
     ``L_sup = + mean_l mean_h log( sum_{i in Q} mass[i, SYS] / (|Q| |K_sys|) + eps )``,
-    Q the user-turn rows, K_img / K_sys the image / system tokens of the sample; averaged over the samples where
-    the term is defined (a term with no defined sample is 0, still attached to the graph)."""
+    K_img / K_sys the image / system tokens of the sample. Q is ``query_mask`` (bool ``[B, S]``) when given, else the
+    rows of ``query_class`` (default the user text). The published AVAR code takes Q = the whole user turn up to the
+    first trained response token (``avar_kernels.train.query_mask`` computes it from the chat template; the two
+    definitions are compared in docs/training.md). Averaged over the samples where the term is defined (a term
+    with no defined sample is 0, still attached to the graph); the published code averages over every sample."""
     m = _stack(masses)
     classes = _check(m, token_classes)
-    q = (classes == query_class).to(m.dtype)                      # [B, S]
+    q = _query_rows(classes, query_class, query_mask)              # [B, S]
     nq = q.sum(1)
 
     def term(cls, sign):
@@ -154,22 +171,41 @@ def attention_guided_loss(masses, token_classes, *, query_class=USER, eps=1e-6):
     return term(IMAGE, -1.0), term(SYSTEM, 1.0)
 
 
-def avar_sft_loss(lm_loss, masses, token_classes, *, w_enh=0.15, w_sup=0.15, eps=1e-6):
-    """``L = L_LM + w_enh L_enh + w_sup L_sup`` (AVAR's weights 0.15 / 0.15)."""
-    l_enh, l_sup = attention_guided_loss(masses, token_classes, eps=eps)
+def avar_sft_loss(lm_loss, masses, token_classes, *, w_enh=0.15, w_sup=0.15, query_class=USER, query_mask=None,
+                  eps=1e-6):
+    """``L = L_LM + w_enh L_enh + w_sup L_sup`` (AVAR's weights 0.15 / 0.15); the query rows and ``eps`` as in
+    :func:`attention_guided_loss`."""
+    l_enh, l_sup = attention_guided_loss(masses, token_classes, query_class=query_class, query_mask=query_mask,
+                                         eps=eps)
     return lm_loss + w_enh * l_enh + w_sup * l_sup
 
 
-def visual_reward(masses, token_classes, *, correct=None, query_class=RESPONSE, eps=1e-6) -> torch.Tensor:
-    """AVAR's GRPO visual-attention reward per sample ``[B]``: the mean over generated rows t of
-    ``sum_{l,h} mass[t, IMG] / (sum_{l,h} mass[t, SYS] + eps)``; 0 where ``correct`` is False and for samples
-    without generated rows. Combine as ``r_acc + 0.3 * r_visual + 0.1 * r_format``."""
+VISUAL_REWARD_AGGREGATIONS = ("per_token", "ratio_of_sums")
+
+
+def visual_reward(masses, token_classes, *, correct=None, query_class=RESPONSE, query_mask=None, eps=1e-6,
+                  aggregate="per_token") -> torch.Tensor:
+    """AVAR's GRPO visual-attention reward per sample ``[B]``, over the generated rows T (``query_mask``, else the
+    rows of ``query_class``); 0 where ``correct`` is False and for samples without such rows. Combine as
+    ``r_acc + 0.3 * r_visual + 0.1 * r_format``.
+
+    ``aggregate="per_token"`` (the paper's formula, the default): the mean over t in T of
+    ``sum_{l,h} mass[t, IMG] / (sum_{l,h} mass[t, SYS] + eps)``.
+    ``aggregate="ratio_of_sums"`` (the released EasyR1 code): one ratio
+    ``sum_{l,h,t} mass[t, IMG] / (sum_{l,h,t} mass[t, SYS] + eps)``. That code sums over every row of its forward
+    (prompt rows included) and takes the first 20% of the prompt as system tokens; pass ``query_mask`` (e.g. the
+    attention mask) and classes to match it."""
+    if aggregate not in VISUAL_REWARD_AGGREGATIONS:
+        raise ValueError(f"visual_reward: aggregate must be one of {VISUAL_REWARD_AGGREGATIONS}, got {aggregate!r}")
     m = _stack(masses)
     classes = _check(m, token_classes)
     img = m[..., IMAGE].sum((0, 2))                               # [B, S]
     sys_ = m[..., SYSTEM].sum((0, 2))
-    t = (classes == query_class).to(m.dtype)
-    r = ((img / (sys_ + eps)) * t).sum(1) / t.sum(1).clamp_min(1)
+    t = _query_rows(classes, query_class, query_mask).to(m.dtype)
+    if aggregate == "per_token":
+        r = ((img / (sys_ + eps)) * t).sum(1) / t.sum(1).clamp_min(1)
+    else:
+        r = (img * t).sum(1) / ((sys_ * t).sum(1) + eps)
     if correct is not None:
         r = r * torch.as_tensor(correct, device=r.device).to(r.dtype)
     return r

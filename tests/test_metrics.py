@@ -90,12 +90,51 @@ def test_attention_guided_loss_and_grad():
     assert m.grad[..., I].abs().sum() > 0 and m.grad[..., R].abs().sum() == 0
 
 
+def test_attention_guided_loss_query_mask_overrides_class():
+    m, classes, vals = make()
+    # the query class alone and the same rows as a mask agree
+    rows = classes == U
+    by_mask = metrics.attention_guided_loss(m, classes, query_mask=rows)
+    for a, b in zip(metrics.attention_guided_loss(m, classes), by_mask):
+        assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    # Q = rows 1..3 (image row and the user rows): |Q| = 3; the image row's own masses are 0 in make()
+    q = torch.tensor([[False, True, True, True, False]])
+    l_enh, l_sup = metrics.attention_guided_loss(m, classes, query_mask=q, query_class=R, eps=1e-3)
+    enh = -sum(math.log((vals[(l, h, 2)][0] + vals[(l, h, 3)][0]) / 3 + 1e-3) for l in range(2) for h in range(2)) / 4
+    sup = sum(math.log((vals[(l, h, 2)][1] + vals[(l, h, 3)][1]) / 3 + 1e-3) for l in range(2) for h in range(2)) / 4
+    assert l_enh.item() == pytest.approx(enh, rel=1e-5) and l_sup.item() == pytest.approx(sup, rel=1e-5)
+    total = metrics.avar_sft_loss(torch.tensor(0.0), m, classes, query_mask=q, eps=1e-3, w_enh=1.0, w_sup=2.0)
+    assert total.item() == pytest.approx(enh + 2 * sup, rel=1e-5)
+    with pytest.raises(TypeError, match="bool"):
+        metrics.attention_guided_loss(m, classes, query_mask=q.long())
+    with pytest.raises(ValueError, match="query_mask"):
+        metrics.attention_guided_loss(m, classes, query_mask=q[:, :4])
+
+
 def test_visual_reward():
     m, classes, _ = make()
     r = metrics.visual_reward(m, classes)
     assert r.shape == (1,)
     assert r.item() == pytest.approx((4 * 0.5) / (4 * 0.25 + 1e-6), rel=1e-5)
     assert metrics.visual_reward(m, classes, correct=[False]).item() == 0.0
+
+
+def test_visual_reward_ratio_of_sums_differs_from_per_token_mean():
+    m, classes, vals = make()
+    rows = torch.tensor([[False, False, True, True, True]])        # user rows and the response row
+    per_token = metrics.visual_reward(m, classes, query_mask=rows)
+    ratio = metrics.visual_reward(m, classes, query_mask=rows, aggregate="ratio_of_sums")
+    img = {i: sum(vals[(l, h, i)][0] for l in range(2) for h in range(2)) for i in (2, 3)}
+    sys_ = {i: sum(vals[(l, h, i)][1] for l in range(2) for h in range(2)) for i in (2, 3)}
+    img[4], sys_[4] = 4 * 0.5, 4 * 0.25
+    want_mean = sum(img[i] / (sys_[i] + 1e-6) for i in (2, 3, 4)) / 3
+    want_ratio = sum(img.values()) / (sum(sys_.values()) + 1e-6)
+    assert per_token.item() == pytest.approx(want_mean, rel=1e-5)
+    assert ratio.item() == pytest.approx(want_ratio, rel=1e-5)
+    assert abs(want_mean - want_ratio) > 0.1
+    assert metrics.visual_reward(m, classes, query_mask=rows, aggregate="ratio_of_sums", correct=[0]).item() == 0
+    with pytest.raises(ValueError, match="aggregate"):
+        metrics.visual_reward(m, classes, aggregate="sum")
 
 
 def test_bands_and_shape_errors():
