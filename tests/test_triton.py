@@ -20,8 +20,8 @@ os.environ.setdefault("AVAR_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 
-from avar_kernels import reference as R  # noqa: E402
 import avar_kernels.triton as T  # noqa: E402
+from avar_kernels import reference as R  # noqa: E402
 from avar_kernels.triton import fwd as TF  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -282,11 +282,11 @@ def test_table_grads(case, dtype):
         assert got[n].shape == tabs[n].shape and got[n].dtype == torch.float32, n
         scale = max(ref[n].abs().max().item(), 1.0)
         torch.testing.assert_close(got[n].double().cpu(), ref[n].double().cpu(), atol=tol[0] * scale, rtol=tol[1],
-                                   msg=lambda m: f"{n}: {m}")
+                                   msg=lambda m, n=n: f"{n}: {m}")
     for n in ("q", "k", "v"):  # the input gradients stay right alongside
         scale = max(ref[n].abs().max().item(), 1.0)
         torch.testing.assert_close(got[n].double().cpu(), ref[n].double().cpu(), atol=tol[0] * 10 * scale,
-                                   rtol=tol[1] * 10, msg=lambda m: f"d{n}: {m}")
+                                   rtol=tol[1] * 10, msg=lambda m, n=n: f"d{n}: {m}")
 
 
 def test_table_grads_masses_loop_variant(monkeypatch):

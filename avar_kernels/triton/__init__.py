@@ -9,18 +9,19 @@ import os
 
 def is_available() -> bool:
     try:
-        import triton  # noqa: F401
         import torch
+        import triton  # noqa: F401
     except Exception:
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right):
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False):
+    """(out, lse, mass); ``out_fp32=True`` returns out in float32 (the unrounded output) whatever q's dtype."""
     from .fwd import forward as _forward
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-                    num_classes, mul, abs_, add, scale, window_left, window_right)
+                    num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=out_fp32)
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,

@@ -1,4 +1,4 @@
-"""Triton backward of the fused op (SPEC 3), deterministic, no atomics.
+"""Triton backward of the fused op (docs/backends.md), deterministic, no atomics.
 
 Two kernels, both recomputing P = exp(z' - lse) blockwise:
 - dK/dV: grid (key block, kv head, sequence); loops over the query heads of the kv head's group and over
@@ -7,9 +7,9 @@ Two kernels, both recomputing P = exp(z' - lse) blockwise:
 dP = dO V^T + dmass[i, class(j)] (a small product onehot(key class) x dmass^T), dZ' = P (dP - delta),
 dZ = dZ' (1 + MUL + ABS sign(z)).
 Learned tables (constexpr WANT_DMUL / WANT_DABS / WANT_DADD, off in the plain backward): the dK/dV kernel sums
-dZ' z, dZ' |z|, dZ' per (key, query class) with a product dZ'-tile x onehot(query class) [BLOCK_M, 16] over its
-query blocks, reduces over its keys per key class with onehot(key class) once per query head, and stores a
-[3, C, C] slot per (sequence, key block, query head); PyTorch sums the slots (deterministic, no atomics).
+dZ' z, dZ' |z|, dZ' per (key, query class) with a product dZ'-tile x onehot(query class) [BLOCK_M, CLASS_TILE]
+over its query blocks, reduces over its keys per key class with onehot(key class) once per query head, and
+stores a [3, C, C] slot per (sequence, key block, query head); PyTorch sums the slots (deterministic, no atomics).
 """
 from __future__ import annotations
 
@@ -17,95 +17,59 @@ import torch
 import triton
 import triton.language as tl
 
-from .fwd import (INTERPRET, LN2, LOG2E, _col_ranges, _load_tile, _row_ranges, _scores, cfgs, class_pad,
-                  dot_precision, head_class, tune_count)
 from . import fwd as _fwd_mod
+from .fwd import (
+    CLASS_TILE,
+    FEATURE_FLAGS,
+    INTERPRET,
+    LN2,
+    LOG2E,
+    TUNE_KEY,
+    _col_ranges,
+    _head_table,
+    _load_tile,
+    _phase,
+    _row_ranges,
+    _scores,
+    cfgs,
+    dim_bucket,
+    dot_precision,
+    launch_blocks,
+    tune_count,
+)
 
 
 @triton.jit
 def _row_stats(LSE_h, DELTA_h, rows, rmask):
     """Per query row: the forward's log-sum-exp in log2 units (+inf for empty rows, so P = 0) and delta."""
     lse = tl.load(LSE_h + rows, mask=rmask, other=float("-inf"))
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
     di = tl.load(DELTA_h + rows, mask=rmask, other=0.0)
     return lse2, di
 
 
 @triton.jit
-def _reweight_grad(ds, s, idx, MUL_h, ABS_h, HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+def _reweight_grad(ds, s, idx, MUL, ABS, HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
     """dZ = dZ' (1 + MUL + ABS sign(s)): chain rule through the reweight (ADD has no effect on the slope)."""
     if HAS_RW:
         fac = 1.0
         if HAS_MUL:
-            fac += tl.load(MUL_h + idx)
+            fac += tl.load(MUL + idx)
         if HAS_ABS:
             sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-            fac += tl.load(ABS_h + idx) * sgn
+            fac += tl.load(ABS + idx) * sgn
         ds = ds * fac
     return ds
 
 
-@triton.jit
-def _bwd_dkdv_inner(dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, start, nblocks,
-                    Q, DO, LSE, DELTA, DMASS, QCLS, MUL_h, ABS_h, ADD_h,
-                    q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
-                    offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
-                    HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
-                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
-                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                    DM_PREC: tl.constexpr, WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr,
-                    WANT_DADD: tl.constexpr, WANT_TG: tl.constexpr):
-    for b in range(nblocks):
-        rows = start + b * BLOCK_M + offs_m
-        rmask = rows < sq
-        g_rows = (q_start + rows).to(tl.int64)
-        q = _load_tile(Q + h * stride_qh, g_rows, stride_qt, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        do = _load_tile(DO + h * stride_doh, g_rows, stride_dot, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
-        if HAS_RW:
-            qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)
-        else:
-            qcls = rows
-        idx = qcls[None, :] * C + kcls[:, None]
-        sT, zT = _scores(k, q, idx, rows[None, :], offs_n[:, None], sq, sk, wl, wr, qk_scale,  # [BLOCK_N, BLOCK_M]
-                         MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)
-        pT = tl.math.exp2(zT - lse2[None, :])
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
-        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
-        if HAS_CLASSES:
-            if MASS_DOT:
-                dm = tl.load(DMASS + h * stride_dmh + g_rows[:, None] * C + offs_c[None, :],
-                             mask=rmask[:, None] & (offs_c[None, :] < C), other=0.0)
-                dpT = tl.dot(onehot, tl.trans(dm), dpT, input_precision=DM_PREC)
-            else:
-                for c in tl.static_range(C):
-                    dmc = tl.load(DMASS + h * stride_dmh + g_rows * C + c, mask=rmask, other=0.0)
-                    dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
-        dzT = pT * (dpT - di[None, :])
-        if WANT_TG:
-            # table gradients: per key j and query class a, sum_i dZ'_ji [* z_ji | * |z_ji|] over class(i) = a
-            # (a small product with onehot(query class) [BLOCK_M, 16]); reduced over key classes per head later
-            onehot_q = (qcls[:, None] == tl.arange(0, 16)[None, :]).to(tl.float32)
-            if WANT_DMUL:
-                tmul = tl.dot(dzT * sT, onehot_q, tmul, input_precision=DM_PREC)
-            if WANT_DABS:
-                tabs = tl.dot(dzT * tl.abs(sT), onehot_q, tabs, input_precision=DM_PREC)
-            if WANT_DADD:
-                tadd = tl.dot(dzT, onehot_q, tadd, input_precision=DM_PREC)
-        dsT = _reweight_grad(dzT, sT, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
-    return dk, dv, tmul, tabs, tadd
-
-
+@triton.heuristics({**FEATURE_FLAGS, "WANT_TG": lambda args: args["TG"] is not None})
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD, TG,
                      scale, qk_scale, wl, wr, HQ, NKB,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
                      stride_lh, stride_dmh,
-                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                     C: tl.constexpr, CP: tl.constexpr,
+                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
                      HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                      HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
@@ -129,17 +93,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
     mask_n = offs_n < sk
     mask_d = offs_d < HEAD_DIM
     k_rows = (k_start + offs_n).to(tl.int64)
-    k = _load_tile(K + hk * stride_kh, k_rows, stride_kt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)
-    v = _load_tile(V + hk * stride_vh, k_rows, stride_vt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)
+    k = _load_tile(K + hk * stride_kh, k_rows, stride_kt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(V + hk * stride_vh, k_rows, stride_vt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     if HAS_CLASSES:
-        kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)
-        onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)
-    else:
-        kcls = offs_n
-        onehot = offs_c[None, :].to(tl.float32)
+        kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
+        onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)  # [BLOCK_N, CP]
     if WANT_TG:
-        offs_t = tl.arange(0, 16)
-        onehot_k = ((kcls[:, None] == offs_t[None, :]) & mask_n[:, None]).to(tl.float32)
+        offs_t = tl.arange(0, CLASS_TILE)
+        onehot_k = ((kcls[:, None] == offs_t[None, :]) & mask_n[:, None]).to(tl.float32)  # [BLOCK_N, CLASS_TILE]
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -147,37 +108,62 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
     lo, nA, startB, nB, startC, nC = _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK_M, HAS_WL, HAS_WR)
     for g in range(GROUP):
         h = hk * GROUP + g
-        MUL_h = MUL + h * C * C
-        ABS_h = ABS + h * C * C
-        ADD_h = ADD + h * C * C
-        tmul = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        tabs = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        tadd = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
-        if HAS_WR:
-            dk, dv, tmul, tabs, tadd = _bwd_dkdv_inner(
-                dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, lo, nA, Q, DO, LSE, DELTA, DMASS, QCLS,
-                MUL_h, ABS_h, ADD_h,
-                q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
-                offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
-                HEAD_DIM, C, BLOCK_M, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-                HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC, WANT_DMUL, WANT_DABS, WANT_DADD, WANT_TG)
-        dk, dv, tmul, tabs, tadd = _bwd_dkdv_inner(
-            dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, startB, nB, Q, DO, LSE, DELTA, DMASS, QCLS,
-            MUL_h, ABS_h, ADD_h,
-            q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
-            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
-            HEAD_DIM, C, BLOCK_M, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC, WANT_DMUL, WANT_DABS, WANT_DADD, WANT_TG)
-        dk, dv, tmul, tabs, tadd = _bwd_dkdv_inner(
-            dk, dv, tmul, tabs, tadd, k, v, onehot, kcls, h, startC, nC, Q, DO, LSE, DELTA, DMASS, QCLS,
-            MUL_h, ABS_h, ADD_h,
-            q_start, stride_qt, stride_qh, stride_dot, stride_doh, stride_lh, stride_dmh,
-            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale,
-            HEAD_DIM, C, BLOCK_M, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC, WANT_DMUL, WANT_DABS, WANT_DADD, WANT_TG)
+        MUL_h = _head_table(MUL, h, C, HAS_MUL)
+        ABS_h = _head_table(ABS, h, C, HAS_ABS)
+        ADD_h = _head_table(ADD, h, C, HAS_ADD)
+        Q_h = Q + h * stride_qh
+        DO_h = DO + h * stride_doh
         if WANT_TG:
-            # reduce over this block's keys per key class: [16 query classes, 16 key classes] per table, stored
-            # (no atomics) to this program's slot TG[n, pid_n, h, table, a, b]; summed over (n, pid_n) in torch
+            tmul = tl.zeros([BLOCK_N, CLASS_TILE], dtype=tl.float32)
+            tabs = tl.zeros([BLOCK_N, CLASS_TILE], dtype=tl.float32)
+            tadd = tl.zeros([BLOCK_N, CLASS_TILE], dtype=tl.float32)
+        for phase in tl.static_range(3):
+            if phase != 0 or HAS_WR:  # the first query phase (a masked upper edge) exists only with a right window
+                MASKED: tl.constexpr = phase != 1
+                start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+                for b in range(nblocks):
+                    rows = start + b * BLOCK_M + offs_m
+                    rmask = rows < sq
+                    g_rows = (q_start + rows).to(tl.int64)
+                    # [BLOCK_M, BLOCK_D] tiles
+                    q = _load_tile(Q_h, g_rows, stride_qt, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+                    do = _load_tile(DO_h, g_rows, stride_dot, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+                    lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
+                    idx = rows
+                    if HAS_RW:
+                        qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
+                        idx = qcls[None, :] * C + kcls[:, None]  # [BLOCK_N, BLOCK_M]
+                    sT, zT = _scores(k, q, idx, rows[None, :], offs_n[:, None], sq, sk, wl, wr, qk_scale,
+                                     MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
+                                     PREC)  # [BLOCK_N, BLOCK_M]
+                    pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+                    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
+                    dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+                    if HAS_CLASSES:
+                        if MASS_DOT:
+                            dm = tl.load(DMASS + h * stride_dmh + g_rows[:, None] * C + offs_c[None, :],
+                                         mask=rmask[:, None] & (offs_c[None, :] < C), other=0.0)  # [BLOCK_M, CP]
+                            dpT = tl.dot(onehot, tl.trans(dm), dpT, input_precision=DM_PREC)
+                        else:
+                            for c in tl.static_range(C):
+                                dmc = tl.load(DMASS + h * stride_dmh + g_rows * C + c, mask=rmask, other=0.0)
+                                dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
+                    dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
+                    if WANT_TG:
+                        # table gradients: per key j and query class a, sum_i dZ'_ji [* z_ji | * |z_ji|] over
+                        # class(i) = a (a small product with onehot(query class)); reduced over key classes below
+                        onehot_q = (qcls[:, None] == offs_t[None, :]).to(tl.float32)  # [BLOCK_M, CLASS_TILE]
+                        if WANT_DMUL:
+                            tmul = tl.dot(dzT * sT, onehot_q, tmul, input_precision=DM_PREC)
+                        if WANT_DABS:
+                            tabs = tl.dot(dzT * tl.abs(sT), onehot_q, tabs, input_precision=DM_PREC)
+                        if WANT_DADD:
+                            tadd = tl.dot(dzT, onehot_q, tadd, input_precision=DM_PREC)
+                    dsT = _reweight_grad(dzT, sT, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)  # [BLOCK_N, BLOCK_M]
+                    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
+        if WANT_TG:
+            # reduce over this block's keys per key class: [CLASS_TILE query classes, CLASS_TILE key classes] per
+            # table, stored (no atomics) to this program's slot TG[n, pid_n, h, table, a, b]; summed in torch
             TG_h = TG + ((n * NKB + pid_n) * HQ + h).to(tl.int64) * (3 * C * C)
             tmask = (offs_t[:, None] < C) & (offs_t[None, :] < C)
             toffs = offs_t[:, None] * C + offs_t[None, :]
@@ -197,49 +183,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
              dv.to(DV.dtype.element_ty), mask=smask)
 
 
-@triton.jit
-def _bwd_dq_inner(dq, q, do, lse2, di, dm, qcls, start, nblocks,
-                  K_base, V_base, KCLS_base, stride_kt, stride_vt,
-                  offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-                  HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
-                  HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
-                  HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                  DM_PREC: tl.constexpr):
-    for b in range(nblocks):
-        cols = start + b * BLOCK_N + offs_n
-        kmask = cols < sk
-        k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        if HAS_CLASSES:
-            kcls = tl.load(KCLS_base + cols, mask=kmask, other=0)
-        else:
-            kcls = cols
-        idx = qcls[:, None] * C + kcls[None, :]
-        s, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale,
-                       MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)
-        p = tl.math.exp2(z - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        if HAS_CLASSES:
-            if MASS_DOT:
-                onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)
-                dp = tl.dot(dm, tl.trans(onehot), dp, input_precision=DM_PREC)
-            else:
-                for c in tl.static_range(C):
-                    dmc = tl.sum(tl.where(offs_c[None, :] == c, dm, 0.0), 1)
-                    dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
-        ds = _reweight_grad(p * (dp - di[:, None]), s, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
-    return dq
-
-
+@triton.heuristics(FEATURE_FLAGS)
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
                    scale, qk_scale, wl, wr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh,
-                   GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   C: tl.constexpr, CP: tl.constexpr,
+                   GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
                    HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
@@ -263,44 +213,52 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
     mask_m = offs_m < sq
     mask_d = offs_d < HEAD_DIM
     q_rows = (q_start + offs_m).to(tl.int64)
+    # [BLOCK_M, BLOCK_D] tiles
     q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
     do = _load_tile(DO + h * stride_doh, q_rows, stride_dot, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, offs_m, mask_m)
     if HAS_CLASSES:
         dm = tl.load(DMASS + h * stride_dmh + q_rows[:, None] * C + offs_c[None, :],
-                     mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)
-    else:
-        dm = tl.zeros([BLOCK_M, CP], dtype=tl.float32)
+                     mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)  # [BLOCK_M, CP]
     if HAS_RW:
-        qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)
-    else:
-        qcls = offs_m
-    MUL_h = MUL + h * C * C
-    ABS_h = ABS + h * C * C
-    ADD_h = ADD + h * C * C
+        qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    MUL = _head_table(MUL, h, C, HAS_MUL)
+    ABS = _head_table(ABS, h, C, HAS_ABS)
+    ADD = _head_table(ADD, h, C, HAS_ADD)
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-    KCLS_base = KCLS + k_start
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_last = tl.minimum(m0 + BLOCK_M, sq) - 1
     lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
-    if HAS_WL:
-        dq = _bwd_dq_inner(
-            dq, q, do, lse2, di, dm, qcls, lo, nA, K_base, V_base, KCLS_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-            HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-            HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, di, dm, qcls, startB, nB, K_base, V_base, KCLS_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-        HEAD_DIM, C, BLOCK_N, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-        HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
-    dq = _bwd_dq_inner(
-        dq, q, do, lse2, di, dm, qcls, startC, nC, K_base, V_base, KCLS_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-        HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-        HAS_WL, HAS_WR, MASS_DOT, PREC, DM_PREC)
+    for phase in tl.static_range(3):
+        if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
+            MASKED: tl.constexpr = phase != 1
+            start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+            for b in range(nblocks):
+                cols = start + b * BLOCK_N + offs_n
+                kmask = cols < sk
+                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                idx = cols
+                if HAS_CLASSES:
+                    kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                    if HAS_RW:
+                        idx = qcls[:, None] * C + kcls[None, :]  # [BLOCK_M, BLOCK_N]
+                s, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale, MUL, ABS, ADD,
+                               MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+                dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+                if HAS_CLASSES:
+                    if MASS_DOT:
+                        onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)  # [BLOCK_N, CP]
+                        dp = tl.dot(dm, tl.trans(onehot), dp, input_precision=DM_PREC)
+                    else:
+                        for c in tl.static_range(C):
+                            dmc = tl.sum(tl.where(offs_c[None, :] == c, dm, 0.0), 1)
+                            dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
+                ds = _reweight_grad(p * (dp - di[:, None]), s, idx, MUL, ABS, HAS_RW, HAS_MUL, HAS_ABS)
+                dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     tl.store(DQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
@@ -309,42 +267,42 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-def _dkdv_configs(cls, prec):
-    # (BLOCK_M = query rows per step, BLOCK_N = keys owned by the program)
+def dkdv_config_rows(dim, prec):
+    """(BLOCK_M = query rows per step, BLOCK_N = keys owned by the program, num_warps, num_stages), default first."""
     if prec == "ieee":
-        return cfgs([(32, 64, 4, 2), (32, 32, 4, 2)] if cls <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2)])
-    if cls <= 64:
-        return cfgs([(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)])
-    if cls <= 128:
-        return cfgs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)])
-    return cfgs([(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)])
+        return [(32, 64, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2)]
+    if dim <= 64:
+        return [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
+    if dim <= 128:
+        return [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+    return [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
 
 
-def _dq_configs(cls, prec):
+def dq_config_rows(dim, prec):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the dQ kernel, default first."""
     if prec == "ieee":
-        return cfgs([(64, 32, 4, 2), (32, 32, 4, 2)] if cls <= 128 else [(32, 16, 4, 2), (32, 32, 4, 2)])
-    if cls <= 64:
-        return cfgs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)])
-    if cls <= 128:
-        return cfgs([(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)])
-    return cfgs([(64, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)])
+        return [(64, 32, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(32, 16, 4, 2), (32, 32, 4, 2)]
+    if dim <= 64:
+        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+    if dim <= 128:
+        return [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+    return [(64, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
 
 
-_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC"]
 _tuned = {}
 
 
-def _get(kind, bd, prec, want_tg=False):
+def _get(kind, block_d, prec, has_classes, has_rw, want_tg=False):
     if INTERPRET:
         return _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
-    key = (kind, head_class(bd), prec, tune_count(), want_tg)
+    key = (kind, dim_bucket(block_d), prec, has_classes, has_rw, want_tg, tune_count())
     if key not in _tuned:
-        fn, cf = (_bwd_dkdv_kernel, _dkdv_configs) if kind == "dkdv" else (_bwd_dq_kernel, _dq_configs)
+        fn, rows = (_bwd_dkdv_kernel, dkdv_config_rows) if kind == "dkdv" else (_bwd_dq_kernel, dq_config_rows)
         # The table-gradient slots a config writes depend on its BLOCK_N: the autotuner zeroes the buffer before
         # each trial and after choosing, so no trial config leaves stale slots behind.
-        extra = dict(key=_KEY + ["WANT_DMUL", "WANT_DABS", "WANT_DADD"], reset_to_zero=["TG"]) if want_tg else \
-            dict(key=_KEY)
-        _tuned[key] = triton.autotune(configs=cf(head_class(bd), prec), **extra)(fn)
+        extra = dict(key=TUNE_KEY + ["WANT_DMUL", "WANT_DABS", "WANT_DADD"], reset_to_zero=["TG"]) if want_tg else \
+            dict(key=TUNE_KEY)
+        _tuned[key] = triton.autotune(configs=cfgs(rows(dim_bucket(block_d), prec)), **extra)(fn)
     return _tuned[key]
 
 
@@ -375,52 +333,43 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     if has_classes:
         dmass = (torch.zeros(hq, tq, C, device=q.device, dtype=torch.float32) if dmass is None
                  else dmass.float().contiguous())
-    bd = max(16, triton.next_power_of_2(d))
+    else:
+        dmass = None
+    block_d = max(16, triton.next_power_of_2(d))
     has_rw = mul is not None or abs_ is not None or add is not None
-    dummy_f = lse
-    dummy_i = cu_seqlens_q
-    mass_dot = _fwd_mod.MASS_DOT
     prec = dot_precision(q.dtype)
     common = dict(
-        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=bd, C=max(C, 1), CP=class_pad(C, mass_dot),
-        HAS_CLASSES=has_classes, HAS_RW=has_rw, HAS_MUL=mul is not None, HAS_ABS=abs_ is not None,
-        HAS_ADD=add is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
-        MASS_DOT=mass_dot, PREC=prec, DM_PREC="ieee" if prec == "ieee" else "tf32x3")
-    if INTERPRET:
-        common.update(BLOCK_M=_fwd_mod.INTERPRET_BLOCKS[0], BLOCK_N=_fwd_mod.INTERPRET_BLOCKS[1])
-    ptrs = (cu_seqlens_q, cu_seqlens_k,
-            key_class if key_class is not None else dummy_i,
-            query_class if query_class is not None else dummy_i,
-            mul if mul is not None else dummy_f, abs_ if abs_ is not None else dummy_f,
-            add if add is not None else dummy_f)
-    dm = dmass if has_classes else dummy_f
-    dm_stride = dmass.stride(0) if has_classes else 0
-    scalars = (float(scale), float(scale) * LOG2E, int(window_left), int(window_right))
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DMASS=dmass, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
+        KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None, MUL=mul, ABS=abs_,
+        ADD=add, scale=float(scale), qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0), stride_doh=dout.stride(1),
+        stride_lh=lse.stride(0), stride_dmh=dmass.stride(0) if has_classes else 0,
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec,
+        DM_PREC="ieee" if prec == "ieee" else "tf32x3", **launch_blocks())
 
-    tg, nkb = dummy_f, 1
+    tg, nkb = None, 1
     if want_tg and tk > 0:
         # one [3, C, C] slot per (sequence, key block, query head), sized for the smallest BLOCK_N of any config
         min_bn = common["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in
-                                                           _dkdv_configs(head_class(bd), prec))
+                                                           cfgs(dkdv_config_rows(dim_bucket(block_d), prec)))
         nkb = triton.cdiv(max_seqlen_k, min_bn)
         tg = torch.zeros(nseq, nkb, hq, 3, C, C, device=q.device, dtype=torch.float32)
-    tg_flags = dict(WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], WANT_TG=want_tg)
 
     if tk > 0:
-        _get("dkdv", bd, prec, want_tg)[lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
-            q, k, v, dout, lse, delta, dm, dk, dv, *ptrs, tg, *scalars, hq, nkb,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            lse.stride(0), dm_stride, **common, **tg_flags)
+        _get("dkdv", block_d, prec, has_classes, has_rw, want_tg)[
+            lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
+            DK=dk, DV=dv, TG=tg, HQ=hq, NKB=nkb, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
+            stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
+            WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], **common)
     if tq > 0:
-        _get("dq", bd, prec)[lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
-            q, k, v, dout, lse, delta, dm, dq, *ptrs, *scalars,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), lse.stride(0), dm_stride, **common)
+        _get("dq", block_d, prec, has_classes, has_rw)[
+            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
+            DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **common)
     if table_grads is None:
         return dq, dk, dv
     if want_tg and tk > 0:
         # deterministic reduction over sequences and key blocks; the kernel's scores are in log2 units
         dtables = tg.sum((0, 1)).transpose(0, 1).contiguous()
-        dtables[:2] *= LN2
+        dtables[:2] *= LN2.value
     return dq, dk, dv, dtables

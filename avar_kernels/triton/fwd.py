@@ -1,13 +1,15 @@
 """Triton forward of the fused op: FlashAttention-2 style online softmax with per-class mass accumulators.
 
-Grid: (query block, query head, sequence) over the packed (varlen) layout. Scores are kept in log2 units
-(log2(e) folded into the scale) and exponentiated with exp2. Reweight tables, classes and the window are
-compile-time flags, so plain attention pays nothing for them. The key loop runs in three phases: a masked
+Grid: (query block, query head, sequence) over the packed (varlen) layout of docs/backends.md. Scores are
+kept in log2 units (log2(e) folded into the scale) and exponentiated with exp2. Classes, re-weighting tables
+and the window are compile-time flags derived from the arguments (an absent tensor is None, an unbounded
+window side is -1), so plain attention pays nothing for them. The key loop runs in three phases: a masked
 phase at the left window edge, an unmasked interior and a masked phase at the right (causal) edge; fully
 masked key blocks are never visited.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -15,19 +17,23 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Scores live in log2 units inside the kernels: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2.
+LOG2E = tl.constexpr(math.log2(math.e))
+LN2 = tl.constexpr(math.log(2.0))
+# Width of the one-hot class tiles fed to tl.dot: the smallest N and K of a tensor-core product.
+CLASS_TILE = tl.constexpr(16)
 
-# Masses: True accumulates them with a small tensor-core product p @ onehot(key class) [BLOCK_N, 16]
+# Masses: True accumulates them with a small tensor-core product p @ onehot(key class) [BLOCK_N, CLASS_TILE]
 # (the V-augmentation trick done in registers), False with C masked row reductions. Both are exact
 # formulations; the product is cheaper on tensor-core GPUs. Tests exercise both.
 MASS_DOT = True
 
 
 def class_pad(num_classes: int, mass_dot: bool) -> int:
+    """Columns of the mass accumulator: CLASS_TILE for the product, else the next power of two >= C."""
     if num_classes == 0:
         return 1
-    return 16 if mass_dot else triton.next_power_of_2(num_classes)
+    return CLASS_TILE.value if mass_dot else triton.next_power_of_2(num_classes)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -35,9 +41,34 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def _is_set(name):
+    return lambda args: args[name] is not None
+
+
+# Compile-time feature flags of every kernel, from its arguments (None = absent, -1 = unbounded window side).
+FEATURE_FLAGS = {
+    "HAS_CLASSES": _is_set("KCLS"),
+    "HAS_MUL": _is_set("MUL"),
+    "HAS_ABS": _is_set("ABS"),
+    "HAS_ADD": _is_set("ADD"),
+    "HAS_RW": lambda args: any(args[t] is not None for t in ("MUL", "ABS", "ADD")),
+    "HAS_WL": lambda args: args["wl"] >= 0,
+    "HAS_WR": lambda args: args["wr"] >= 0,
+    "CP": lambda args: class_pad(args["C"], args["MASS_DOT"]),
+}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Shared device helpers (also used by bwd.py)
 # ----------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _head_table(T, h, C: tl.constexpr, HAS: tl.constexpr):
+    """The [C, C] slice of head h of a [H, C, C] table (None stays None)."""
+    if HAS:
+        T += h * C * C
+    return T
+
 
 @triton.jit
 def _reweight(s, idx, MUL, ABS, ADD, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
@@ -48,7 +79,7 @@ def _reweight(s, idx, MUL, ABS, ADD, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexp
     if HAS_ABS:
         z += tl.abs(s) * tl.load(ABS + idx)
     if HAS_ADD:
-        z += tl.load(ADD + idx) * 1.4426950408889634
+        z += tl.load(ADD + idx) * LOG2E
     return z
 
 
@@ -88,6 +119,21 @@ def _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK: tl.constexpr, HAS_WL: tl.cons
 
 
 @triton.jit
+def _phase(phase: tl.constexpr, lo, nA, startB, nB, startC, nC):
+    """(first index, number of blocks) of phase 0 (masked), 1 (unmasked) or 2 (masked) from _ranges."""
+    if phase == 0:
+        start = lo
+        nblocks = nA
+    elif phase == 1:
+        start = startB
+        nblocks = nB
+    else:
+        start = startC
+        nblocks = nC
+    return start, nblocks
+
+
+@triton.jit
 def _load_rows(ptrs, rmask, offs_d, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; masks only what the phase / head-dim padding needs."""
     if MASKED:
@@ -123,7 +169,7 @@ def _visible(rows, cols, sq, sk, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.conste
 
 
 @triton.jit
-def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h, MASKED: tl.constexpr,
+def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL, ABS, ADD, MASKED: tl.constexpr,
             HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
             HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, PREC: tl.constexpr):
     """Scores of one tile, a @ b^T (q k^T or its transpose k q^T). idx, rows, cols: table offsets and the query
@@ -132,7 +178,7 @@ def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h
     s = tl.dot(a, tl.trans(b), input_precision=PREC) * qk_scale
     z = s
     if HAS_RW:
-        z = _reweight(s, idx, MUL_h, ABS_h, ADD_h, HAS_MUL, HAS_ABS, HAS_ADD)
+        z = _reweight(s, idx, MUL, ABS, ADD, HAS_MUL, HAS_ABS, HAS_ADD)
     if MASKED:
         vis = _visible(rows, cols, sq, sk, wl, wr, HAS_WL, HAS_WR)
         z = tl.where(vis, z, float("-inf"))
@@ -143,53 +189,13 @@ def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit
-def _fwd_inner(acc, l_i, m_i, acc_m, q, qcls, start, nblocks,
-               K_base, V_base, KCLS_base, stride_kt, stride_vt,
-               offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-               HEAD_DIM: tl.constexpr, C: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
-               HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
-               HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr):
-    for b in range(nblocks):
-        cols = start + b * BLOCK_N + offs_n
-        kmask = cols < sk
-        k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        if HAS_CLASSES:
-            kcls = tl.load(KCLS_base + cols, mask=kmask, other=0)
-        else:
-            kcls = cols
-        _, z = _scores(q, k, qcls[:, None] * C + kcls[None, :], offs_m[:, None], cols[None, :], sq, sk, wl, wr,
-                       qk_scale, MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
-                       PREC)
-        m_new = tl.maximum(m_i, tl.max(z, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(z - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
-        if HAS_CLASSES:
-            acc_m = acc_m * alpha[:, None]
-            if MASS_DOT:
-                onehot = (kcls[:, None] == offs_c[None, :]).to(v.dtype)
-                acc_m = tl.dot(p.to(v.dtype), onehot, acc_m, input_precision=PREC)
-            else:
-                for c in tl.static_range(C):
-                    pc = tl.sum(tl.where(kcls[None, :] == c, p, 0.0), 1)
-                    acc_m += tl.where(offs_c[None, :] == c, pc[:, None], 0.0)
-        m_i = m_new
-    return acc, l_i, m_i, acc_m
-
-
+@triton.heuristics(FEATURE_FLAGS)
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
                 qk_scale, wl, wr,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 stride_lh, stride_mh,
-                GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                C: tl.constexpr, CP: tl.constexpr,
+                GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
                 HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                 HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                 HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
@@ -214,18 +220,15 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
     mask_d = offs_d < HEAD_DIM
 
     q_rows = (q_start + offs_m).to(tl.int64)
-    q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
+    q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
     if HAS_RW:
-        qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)
-    else:
-        qcls = offs_m
-    MUL_h = MUL + h * C * C
-    ABS_h = ABS + h * C * C
-    ADD_h = ADD + h * C * C
+        qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    MUL = _head_table(MUL, h, C, HAS_MUL)
+    ABS = _head_table(ABS, h, C, HAS_ABS)
+    ADD = _head_table(ADD, h, C, HAS_ADD)
 
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
-    KCLS_base = KCLS + k_start
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc_m = tl.zeros([BLOCK_M, CP], dtype=tl.float32)
@@ -234,22 +237,39 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
 
     m_last = tl.minimum(m0 + BLOCK_M, sq) - 1
     lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
-    if HAS_WL:
-        acc, l_i, m_i, acc_m = _fwd_inner(
-            acc, l_i, m_i, acc_m, q, qcls, lo, nA, K_base, V_base, KCLS_base, stride_kt, stride_vt,
-            offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-            HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-            HAS_WL, HAS_WR, MASS_DOT, PREC)
-    acc, l_i, m_i, acc_m = _fwd_inner(
-        acc, l_i, m_i, acc_m, q, qcls, startB, nB, K_base, V_base, KCLS_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-        HEAD_DIM, C, BLOCK_N, BLOCK_D, False, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-        HAS_WL, HAS_WR, MASS_DOT, PREC)
-    acc, l_i, m_i, acc_m = _fwd_inner(
-        acc, l_i, m_i, acc_m, q, qcls, startC, nC, K_base, V_base, KCLS_base, stride_kt, stride_vt,
-        offs_m, offs_n, offs_d, offs_c, sq, sk, wl, wr, qk_scale, MUL_h, ABS_h, ADD_h,
-        HEAD_DIM, C, BLOCK_N, BLOCK_D, True, HAS_CLASSES, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-        HAS_WL, HAS_WR, MASS_DOT, PREC)
+    for phase in tl.static_range(3):
+        if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
+            MASKED: tl.constexpr = phase != 1
+            start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+            for b in range(nblocks):
+                cols = start + b * BLOCK_N + offs_n
+                kmask = cols < sk
+                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                idx = cols
+                if HAS_CLASSES:
+                    kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                    if HAS_RW:
+                        idx = qcls[:, None] * C + kcls[None, :]  # [BLOCK_M, BLOCK_N]
+                _, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale, MUL, ABS, ADD,
+                               MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                m_new = tl.maximum(m_i, tl.max(z, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(z - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None]
+                v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
+                if HAS_CLASSES:
+                    acc_m = acc_m * alpha[:, None]
+                    if MASS_DOT:
+                        onehot = (kcls[:, None] == offs_c[None, :]).to(v.dtype)  # [BLOCK_N, CP]
+                        acc_m = tl.dot(p.to(v.dtype), onehot, acc_m, input_precision=PREC)
+                    else:
+                        for c in tl.static_range(C):
+                            pc = tl.sum(tl.where(kcls[None, :] == c, p, 0.0), 1)
+                            acc_m += tl.where(offs_c[None, :] == c, pc[:, None], 0.0)
+                m_i = m_new
 
     empty = l_i == 0.0
     l_safe = tl.where(empty, 1.0, l_i)
@@ -257,10 +277,10 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
     out = acc * inv[:, None]
     tl.store(O + q_rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     tl.store(LSE + h * stride_lh + q_start + offs_m, lse, mask=mask_m)
     if HAS_CLASSES:
-        mass = acc_m * inv[:, None]
+        mass = acc_m * inv[:, None]  # [BLOCK_M, CP]
         tl.store(MASS + h * stride_mh + (q_start + offs_m)[:, None].to(tl.int64) * C + offs_c[None, :], mass,
                  mask=mask_m[:, None] & (offs_c[None, :] < C))
 
@@ -270,8 +290,8 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
 # ----------------------------------------------------------------------------------------------------------
 
 # Autotuning: AVAR_TRITON_AUTOTUNE=full tries every listed config, =0 only the first (no tuning), default the
-# first two (the compile of one config is seconds, and each key - head dim class, classes, reweight, window,
-# GQA group, precision - is tuned once per process).
+# first two (the compile of one config is seconds, and each key - head dim, classes, window, GQA group, dtypes -
+# is tuned once per process).
 def tune_count() -> int:
     mode = os.environ.get("AVAR_TRITON_AUTOTUNE", "2").lower()
     return {"full": 99, "0": 1, "off": 1, "1": 1}.get(mode, 2 if not mode.isdigit() else max(1, int(mode)))
@@ -282,72 +302,70 @@ def cfgs(rows):
             for bm, bn, w, s in rows[:tune_count()]]
 
 
-def head_class(bd: int) -> int:
-    return 64 if bd <= 64 else (128 if bd <= 128 else 256)
+def dim_bucket(block_d: int) -> int:
+    """Head dims share config lists by bucket: 64 (D <= 64), 128 or 256."""
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
-def _fwd_configs(cls, prec):
+def fwd_config_rows(dim, prec):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, the default first."""
     if prec == "ieee":  # fp32: CUDA-core products, small tiles (a rare path; keeps compiles short)
-        return cfgs([(64, 32, 4, 2), (32, 32, 4, 2)] if cls <= 128 else [(32, 32, 4, 2), (16, 32, 4, 2)])
-    if cls <= 64:
-        return cfgs([(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)])
-    if cls <= 128:
-        return cfgs([(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)])
-    return cfgs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)])
+        return [(64, 32, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(32, 32, 4, 2), (16, 32, 4, 2)]
+    if dim <= 64:
+        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
+    if dim <= 128:
+        return [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+    return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
 
 
-_KEY = ["BLOCK_D", "C", "HAS_RW", "HAS_WL", "HAS_WR", "PREC"]
+TUNE_KEY = ["HEAD_DIM", "C", "GROUP", "wl", "wr", "MASS_DOT", "PREC"]
 _fwd_tuned = {}
 
 
-def _get_fwd(bd, prec):
+def _get_fwd(block_d, prec, has_classes, has_rw):
     if INTERPRET:
         return _fwd_kernel
-    key = (head_class(bd), prec, tune_count())
+    key = (dim_bucket(block_d), prec, has_classes, has_rw, tune_count())
     if key not in _fwd_tuned:
-        _fwd_tuned[key] = triton.autotune(configs=_fwd_configs(*key[:2]), key=_KEY)(_fwd_kernel)
+        _fwd_tuned[key] = triton.autotune(configs=cfgs(fwd_config_rows(*key[:2])), key=TUNE_KEY)(_fwd_kernel)
     return _fwd_tuned[key]
 
 
 INTERPRET_BLOCKS = (16, 16)
 
 
+def launch_blocks():
+    """Fixed (BLOCK_M, BLOCK_N) under the interpreter; {} on a GPU (the autotuner picks them)."""
+    return dict(BLOCK_M=INTERPRET_BLOCKS[0], BLOCK_N=INTERPRET_BLOCKS[1]) if INTERPRET else {}
+
+
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right):
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False):
+    """-> (out, lse, mass) of docs/backends.md; ``out_fp32``: out in float32 whatever q's dtype (the unrounded
+    output, from which the dispatcher forms delta = <dO, O> for fp16/bf16 training)."""
     tq, hq, d = q.shape
     hk = k.shape[1]
     nseq = cu_seqlens_q.numel() - 1
     C = int(num_classes)
-    out = torch.empty_like(q)
+    out = torch.empty_like(q, dtype=torch.float32 if out_fp32 else q.dtype)
     lse = torch.empty(hq, tq, device=q.device, dtype=torch.float32)
     mass = torch.empty(hq, tq, C, device=q.device, dtype=torch.float32)
     if tq == 0 or nseq == 0:
         return out, lse, mass
-    bd = max(16, triton.next_power_of_2(d))
-    has_rw = mul is not None or abs_ is not None or add is not None
-    dummy_f = lse
-    dummy_i = cu_seqlens_q
-    mass_dot = MASS_DOT
-    kwargs = dict(
-        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=bd, C=max(C, 1), CP=class_pad(C, mass_dot),
-        HAS_CLASSES=C > 0, HAS_RW=has_rw, HAS_MUL=mul is not None, HAS_ABS=abs_ is not None,
-        HAS_ADD=add is not None, HAS_WL=window_left >= 0, HAS_WR=window_right >= 0,
-        MASS_DOT=mass_dot, PREC=dot_precision(q.dtype))
-    if INTERPRET:
-        kwargs.update(BLOCK_M=INTERPRET_BLOCKS[0], BLOCK_N=INTERPRET_BLOCKS[1])
-    kern = _get_fwd(bd, kwargs["PREC"])
+    block_d = max(16, triton.next_power_of_2(d))
+    prec = dot_precision(q.dtype)
+    has_classes = C > 0
+    kern = _get_fwd(block_d, prec, has_classes, mul is not None or abs_ is not None or add is not None)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)
 
     kern[grid](
-        q, k, v, out, lse, mass if C > 0 else dummy_f, cu_seqlens_q, cu_seqlens_k,
-        key_class if key_class is not None else dummy_i,
-        query_class if query_class is not None else dummy_i,
-        mul if mul is not None else dummy_f, abs_ if abs_ is not None else dummy_f,
-        add if add is not None else dummy_f,
-        float(scale) * LOG2E, int(window_left), int(window_right),
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), lse.stride(0), mass.stride(0) if C > 0 else 0,
-        **kwargs)
+        Q=q, K=k, V=v, O=out, LSE=lse, MASS=mass if has_classes else None, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
+        KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None,
+        MUL=mul, ABS=abs_, ADD=add, qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
+        stride_lh=lse.stride(0), stride_mh=mass.stride(0),
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=MASS_DOT, PREC=prec, **launch_blocks())
     return out, lse, mass
