@@ -117,8 +117,8 @@ def _eager_reweight_attention(module, query, key, value, attention_mask, scaling
     rw = ctx.reweight(module.layer_idx, h, query.device) if ctx is not None else None
     if rw is not None:
         kc = cls[:, -k.shape[2]:]
-        qc = kc[:, -s:]
-        mul, abs_, add = rw.tables(h, C, query.device)
+        qc = kw["avar_query_classes"][:, -k.shape[2]:][:, -s:]
+        mul, abs_, add = rw.tables(h, ctx.num_classes, query.device)
         sel = lambda t: t[:, qc[:, :, None], kc[:, None, :]].permute(1, 0, 2, 3)   # noqa: E731
         z0 = z
         z = z0 + (z0 * sel(mul) if mul is not None else 0) + (z0.abs() * sel(abs_) if abs_ is not None else 0) \
@@ -145,7 +145,7 @@ def test_intervene_matches_eager_oracle(preset):
     kw = mk(rows_for(mk), padding="left")
     cls = classes_of(kw)
     spec = {"vaf": (ah.vaf(0.5, 0.3), {}), "pai": (ah.pai(0.8), {}),
-            "class_bias": (ah.class_bias(factor={IMAGE: 3.0, SYSTEM: 0.5}), {"query_classes": {USER}}),
+            "class_bias": (ah.class_bias(factor={IMAGE: 3.0, SYSTEM: 0.5}), {"rows": {USER}}),
             "per_head": (avar_kernels.Reweight(mul=torch.tensor([0, 1.0, -0.5, 0, 0.3, 0])),
                          {"heads": {1, 3}, "layers": {0, 2}})}[preset]
     valid = kw["attention_mask"].bool()
@@ -159,21 +159,111 @@ def test_intervene_matches_eager_oracle(preset):
     assert (res["avar"][valid] - base[valid]).abs().max() > 1e-4        # it did change something
 
 
-def test_presets_tables():
-    ms, _ = models("qwen2_vl", ("avar",), layers=3)
+def test_presets_tables_and_rows():
     from avar_kernels.hf.record import controller
+    from avar_kernels.hf.rows import NUM_SIGNATURES, row_signatures, signature_parts
 
+    ms, _ = models("qwen2_vl", ("avar",), layers=3)
     ctl = controller(ms["avar"])
-    with ah.intervene(ms["avar"], ah.pai(0.2), token_classes=torch.zeros(1, 1, dtype=torch.long)):
-        assert ctl.reweight(0, 4, "cpu") is None and ctl.reweight(1, 4, "cpu") is None
-        rw = ctl.reweight(2, 4, "cpu")
-        _, abs_, _ = rw.tables(4, C, "cpu")
-        assert abs_[:, RESPONSE, IMAGE].eq(0.2).all() and abs_.sum().item() == pytest.approx(4 * 0.2)
+    # [system, image x2, user, other (header), response]: rows after the image and rows predicting a response
+    cls = torch.tensor([[SYSTEM, IMAGE, IMAGE, USER, 0, RESPONSE, RESPONSE]])
+    parts = [signature_parts(int(x)) for x in row_signatures(cls)[0]]
+    assert [p[1] for p in parts] == [False, False, False, True, True, True, True]      # after the image
+    assert [p[2] for p in parts] == [False, False, False, False, True, True, True]     # predicts a response token
+    with ah.intervene(ms["avar"], ah.pai(0.2), token_classes=cls):
+        plan = ctl.plan()
+        assert plan.reweight(0, 4, "cpu") is None and plan.reweight(1, 4, "cpu") is None
+        qc = plan.query_classes(cls)[0].tolist()
+        steered = {qc[i] for i in (4, 5, 6)}
+        assert len(steered) == 1 and not steered & {qc[i] for i in (0, 1, 2, 3)}
+        _, abs_, _ = plan.reweight(2, 4, "cpu").tables(4, plan.num_classes, "cpu")
+        g = steered.pop()
+        assert abs_[:, g, IMAGE].eq(0.2).all() and abs_.sum().item() == pytest.approx(4 * 0.2)
         with ah.intervene(ms["avar"], ah.vaf(0.15, 0.05)):              # composes (tables add)
-            mul, abs2, _ = ctl.reweight(2, 4, "cpu").tables(4, C, "cpu")
-            assert mul[:, USER, IMAGE].eq(0.15).all() and mul[:, RESPONSE, SYSTEM].eq(-0.05).all()
-            assert mul[:, SYSTEM].eq(0).all() and torch.equal(abs2, abs_)
-    assert ctl.reweight(2, 4, "cpu") is None
+            plan2 = ctl.plan()
+            qc2 = plan2.query_classes(cls)[0].tolist()
+            mul, abs2, _ = plan2.reweight(2, 4, "cpu").tables(4, plan2.num_classes, "cpu")
+            assert mul[:, qc2[3], IMAGE].eq(0.15).all() and mul[:, qc2[4], SYSTEM].eq(-0.05).all()
+            assert mul[:, qc2[0]].eq(0).all() and abs2[:, qc2[3]].eq(0).all() and abs2[:, qc2[5], IMAGE].eq(0.2).all()
+            assert len(set(qc2)) == 3 and plan2.lut.shape == (NUM_SIGNATURES,)     # none, vaf, vaf + pai
+    assert ctl.plan() is None
+
+
+def test_intervene_bad_layers_and_rows():
+    ms, _ = models("qwen2_vl", ("avar",), layers=3)
+    with pytest.raises(ValueError, match=r"layers: the model has layers 0..2, got \[3, 4, 5\]"):
+        with ah.intervene(ms["avar"], ah.vaf(layers=range(3, 6))):
+            pass
+    with pytest.raises(ValueError, match="layers: starts at 3"):
+        with ah.intervene(ms["avar"], ah.pai(start_layer=3)):
+            pass
+    with pytest.raises(ValueError, match="rows: expected 'after_image'"):
+        with ah.intervene(ms["avar"], ah.vaf(), rows="everything"):
+            pass
+
+
+def _published_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """Eager attention with PAI's / ClearSight's score change written out as the published code applies it, on
+    the spans of ``_PUBLISHED["classes"]`` (the prompt's token classes; generated tokens follow)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    cfg = _PUBLISHED
+    b, h, s, d = query.shape
+    k = repeat_kv(key, h // key.shape[1])
+    v = repeat_kv(value, h // key.shape[1])
+    sk = k.shape[2]
+    z = (query @ k.transpose(-1, -2)) * scaling
+    cls = torch.nn.functional.pad(cfg["classes"], (0, max(0, sk - cfg["classes"].shape[1])), value=RESPONSE)[:, :sk]
+    img = (cls == IMAGE)[:, None, None, :]                                                   # [B, 1, 1, Sk]
+    if cfg["method"] == "pai" and module.layer_idx >= 2:
+        # PAI: attn[:, :, -1, image] = attn[:, :, -1, image].abs() * alpha + attn[:, :, -1, image], pre-softmax
+        last = z[:, :, -1:, :]
+        z = torch.cat([z[:, :, :-1], torch.where(img, last + cfg["alpha"] * last.abs(), last)], 2)
+    if cfg["method"] == "vaf":
+        # ClearSight VAF: rows after the image span; image-key scores x (1 + a), system-key scores x (1 - b)
+        first = (cls == IMAGE).float().argmax(1)                                             # [B]
+        qpos = torch.arange(sk - s, sk)
+        qcls = cls[:, sk - s:]
+        rows = ((qpos[None] > first[:, None]) & (qcls != IMAGE))[:, None, :, None]          # [B, 1, S, 1]
+        sys_ = (cls == SYSTEM)[:, None, None, :]
+        z = torch.where(rows & img, z * (1 + cfg["alpha"]), z)
+        z = torch.where(rows & sys_, z * (1 - cfg["alpha_sys"]), z)
+    if attention_mask is None:
+        attention_mask = torch.ones(s, sk, dtype=torch.bool).tril(sk - s)[None, None]
+    z = z.masked_fill(~attention_mask, float("-inf"))
+    p = torch.softmax(z, -1).nan_to_num(0.0)
+    return (p @ v).transpose(1, 2).contiguous(), p
+
+
+_PUBLISHED = {}
+
+
+@pytest.mark.parametrize("method", ["pai", "vaf"])
+def test_presets_match_published_formulas(method):
+    """Each preset's logits, the first generated token's included, equal the published formula applied on the
+    published rows (PAI: row -1 of every forward, layers >= 2; ClearSight: every row after the image)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("avar_test_published", _published_attention)
+    AttentionMaskInterface.register("avar_test_published", sdpa_mask)
+    ms, mk = models("qwen2_5_vl", ("avar", "avar_test_published"), layers=4)
+    kw = mk(rows_for(mk)[:1])                     # one prompt ending with the assistant header
+    cls = classes_of(kw)
+    preset = ah.pai(0.8) if method == "pai" else ah.vaf(0.5, 0.3)
+    _PUBLISHED.update(method=method, classes=cls, alpha=0.8 if method == "pai" else 0.5, alpha_sys=0.3)
+    gen = dict(max_new_tokens=4, min_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        plain = ms["avar"].generate(**kw, **gen)
+        with ah.intervene(ms["avar"], preset, token_classes=cls):
+            steered = ms["avar"].generate(**kw, **gen)
+        published = ms["avar_test_published"].generate(**kw, **gen)
+    torch.testing.assert_close(steered.sequences, published.sequences)
+    for step, (a, b) in enumerate(zip(steered.scores, published.scores)):
+        torch.testing.assert_close(a, b, atol=5e-5, rtol=1e-4, msg=lambda m, step=step: f"step {step}: {m}")
+    # the first generated token's distribution moves (the last prompt row is steered); -inf: suppressed tokens
+    finite = plain.scores[0].isfinite()
+    assert (steered.scores[0] - plain.scores[0])[finite].abs().max() > 1e-4
 
 
 def _mass_loss(rec, kw, weights):

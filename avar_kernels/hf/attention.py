@@ -221,9 +221,13 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
         sk = sq
 
     kcls = qcls = None
+    num_classes = ctx.num_classes if ctx is not None else NUM_CLASSES
     if need_classes:
         kcls = fit_classes(classes.to(query.device), b, sk)
         qcls = kcls[:, sk - sq:]
+        row_classes = kwargs.get("avar_query_classes")
+        if reweight is not None and row_classes is not None:
+            qcls = fit_classes(row_classes.to(query.device), b, sk)[:, sk - sq:]
 
     cu_q = kwargs.get("cu_seq_lens_q")
     plan = None
@@ -242,12 +246,12 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
         # Generation step on a GPU: the split-KV CUDA kernel reads the cache once for all heads of a group.
         res = avar_kernels.attention_with_kvcache(
             q, k, v, torch.full((b,), sk, dtype=torch.int32, device=q.device), kcls, query_class=qcls,
-            num_classes=NUM_CLASSES if need_classes else None, causal=True, softmax_scale=scale, reweight=reweight,
+            num_classes=num_classes if need_classes else None, causal=True, softmax_scale=scale, reweight=reweight,
             return_mass=want_mass)
         out, mass = res.out, res.mass
     elif plan is None:
         res = avar_kernels.attention(q, k, v, kcls, query_class=qcls,
-                                     num_classes=NUM_CLASSES if need_classes else None, causal=causal,
+                                     num_classes=num_classes if need_classes else None, causal=causal,
                                      softmax_scale=scale, window=window, reweight=reweight,
                                      return_mass=want_mass, backend=backend)
         out, mass = res.out, res.mass
@@ -256,11 +260,11 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
             q.reshape(b * sq, h, d), k.reshape(b * sk, k.shape[2], d), v.reshape(b * sk, v.shape[2], d),
             plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
             None if kcls is None else kcls.reshape(-1), query_class=None if qcls is None else qcls.reshape(-1),
-            num_classes=NUM_CLASSES if need_classes else None, causal=causal, softmax_scale=scale, window=window,
+            num_classes=num_classes if need_classes else None, causal=causal, softmax_scale=scale, window=window,
             reweight=reweight, return_mass=want_mass, backend=backend)
         out = res.out.view(b, sq, h, d)
         if res.mass is not None:
-            mass = res.mass.view(h, b, sq, NUM_CLASSES).transpose(0, 1)
+            mass = res.mass.view(h, b, sq, num_classes).transpose(0, 1)
         if plan.q_valid is not None:
             keep = plan.q_valid.to(out.dtype)
             out = out * keep[:, :, None, None]
@@ -269,7 +273,7 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
     else:
         warn_once("avar: the attention mask is not a padding/packing/causal/sliding-window mask; using the "
                    "materializing PyTorch fallback (O(S^2) memory)")
-        out, mass = masked_attention(q, k, v, mask[:, 0], kcls, qcls, reweight, scale, NUM_CLASSES)
+        out, mass = masked_attention(q, k, v, mask[:, 0], kcls, qcls, reweight, scale, num_classes)
     if want_mass and mass is not None:
-        ctx.store(layer_idx, mass)
+        ctx.store(layer_idx, mass[..., :NUM_CLASSES])
     return out, None

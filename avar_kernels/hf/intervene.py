@@ -1,23 +1,32 @@
 """Class-wise re-weighting of the pre-softmax scores inside a model (training-free interventions).
 
-``z' = z * (1 + MUL[h, a, b]) + ABS[h, a, b] * |z| + ADD[h, a, b]`` for a query of class ``a`` and a key of class
-``b`` (docs/op.md), applied per layer, per head and per query class through :class:`avar_kernels.Reweight` tables.
+``z' = z * (1 + MUL[h, a, b]) + ABS[h, a, b] * |z| + ADD[h, a, b]`` for a query row ``a`` and a key of class ``b``
+(docs/op.md), applied per layer, per head and per set of query rows through :class:`avar_kernels.Reweight` tables.
 Interventions active at the same time add their tables.
+
+Which query rows an intervention steers (``rows``):
+
+* :data:`AFTER_IMAGE`: every row after the first image (or video) token that is not itself an image token, the
+  template rows included: where ClearSight's VAF acts.
+* :data:`GENERATED`: the rows that predict a generated token: the last row of every forward (during ``generate()``
+  the last prompt row, then each new token's row) and every row followed by a response token: where PAI acts.
+* a set of token classes, e.g. ``{USER}``: the rows of those classes.
+
+The integration turns the row sets into query classes of the op (one id per distinct table row), so the kernels
+never see more than the tables they need.
 """
 from __future__ import annotations
 
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
-import avar_kernels
-from avar_kernels import IMAGE, RESPONSE, SYSTEM, USER
+from avar_kernels.types import IMAGE, NUM_CLASSES, SYSTEM, Reweight
 
-from .attention import NUM_CLASSES
 from .record import _remove, controller
+from .rows import AFTER_IMAGE, GENERATED, ROW_SETS
 
 
 class _From:
@@ -35,44 +44,46 @@ class _From:
 
 @dataclass
 class Preset:
-    """A named intervention: ``reweight`` tables plus the layers, heads and query classes it applies to."""
+    """A named intervention: ``reweight`` tables plus the layers, heads and query rows it applies to."""
 
     name: str
-    reweight: avar_kernels.Reweight
+    reweight: Reweight
     layers: object = None
     heads: object = None
-    query_classes: Optional[frozenset] = None
+    rows: object = None
     source: str = ""
     params: dict = field(default_factory=dict)
 
 
-def vaf(alpha_img: float = 0.15, alpha_sys: float = 0.0, layers=None) -> Preset:
-    """ClearSight's Visual Amplification Fusion, as used by the AVAR paper (arXiv 2603.03825, sec. 5): image keys
-    ``MUL = +alpha_img``, system-prompt keys ``MUL = -alpha_sys``, on the query rows after the image (user text and
-    response). ClearSight applies it to the middle layers; ``layers=None`` here means every layer (pass e.g.
-    ``range(8, 16)``)."""
+def vaf(alpha_img: float = 0.15, alpha_sys: float = 0.0, layers=None, rows=AFTER_IMAGE) -> Preset:
+    """ClearSight's Visual Amplification Fusion, as used by the AVAR paper (arXiv 2603.03825, sec. 5).
+
+    Image-key scores ``x (1 + alpha_img)``, system-key scores ``x (1 - alpha_sys)`` (``MUL``), on every query row
+    after the image, template rows included (``rows=AFTER_IMAGE``, as ClearSight). Layers: ClearSight steers layers
+    9-14 of LLaVA-1.5's 32 (pass ``layers=range(9, 15)`` to match it); the default here is every layer.
+    """
     mul = torch.zeros(NUM_CLASSES)
     mul[IMAGE] = alpha_img
     mul[SYSTEM] = -alpha_sys
-    return Preset("vaf", avar_kernels.Reweight(mul=mul), layers=layers, query_classes=frozenset({USER, RESPONSE}),
+    return Preset("vaf", Reweight(mul=mul), layers=layers, rows=rows,
                   source="ClearSight VAF (Yin et al., CVPR 2025) / AVAR (arXiv 2603.03825)",
                   params={"alpha_img": alpha_img, "alpha_sys": alpha_sys})
 
 
-def pai(alpha: float = 0.2, start_layer: int = 2) -> Preset:
-    """PAI (Liu et al., "Paying More Attention to Image", ECCV 2024): image keys ``ABS = alpha`` (score
-    ``z + alpha |z|``), on the generated-token (response) query rows, in layers ``start_layer`` and up."""
+def pai(alpha: float = 0.2, start_layer: int = 2, rows=GENERATED) -> Preset:
+    """PAI (Liu et al., "Paying More Attention to Image", ECCV 2024): image-key scores ``z + alpha |z|`` (``ABS``)
+    on the row that predicts each generated token (``rows=GENERATED``: PAI steers row -1 of every forward, the last
+    prompt row included), in layers ``start_layer`` (2 in PAI) to the last, as PAI."""
     t = torch.zeros(NUM_CLASSES)
     t[IMAGE] = alpha
-    return Preset("pai", avar_kernels.Reweight(abs=t), layers=_From(start_layer),
-                  query_classes=frozenset({RESPONSE}), source="PAI (Liu et al., ECCV 2024)",
+    return Preset("pai", Reweight(abs=t), layers=_From(start_layer), rows=rows, source="PAI (Liu et al., ECCV 2024)",
                   params={"alpha": alpha, "start_layer": start_layer})
 
 
-def class_bias(bias=None, *, factor=None, query_classes=None, layers=None) -> Preset:
+def class_bias(bias=None, *, factor=None, rows=None, layers=None) -> Preset:
     """A plain additive log-factor per key class: ``ADD[b] = bias[b]`` (``bias`` a dict class -> value or a
     length-C sequence); ``factor={IMAGE: 2.0}`` gives ``ADD = log 2`` (probability-space factor before the
-    renormalization)."""
+    renormalization). ``rows``: default every row."""
     add = torch.zeros(NUM_CLASSES)
     if bias is not None:
         items = bias.items() if isinstance(bias, dict) else enumerate(bias)
@@ -80,9 +91,10 @@ def class_bias(bias=None, *, factor=None, query_classes=None, layers=None) -> Pr
             add[c] += float(val)
     if factor is not None:
         for c, f in factor.items():
+            if not f > 0:
+                raise ValueError(f"class_bias: factor for class {c} must be > 0, got {f!r}")
             add[c] += math.log(f)
-    return Preset("class_bias", avar_kernels.Reweight(add=add), layers=layers,
-                  query_classes=None if query_classes is None else frozenset(query_classes),
+    return Preset("class_bias", Reweight(add=add), layers=layers, rows=rows,
                   source="additive log-factor per class", params={"add": add.tolist()})
 
 
@@ -103,16 +115,15 @@ def _full_table(t, num_heads):
 
 
 class Intervention:
-    def __init__(self, reweight, layers, heads, query_classes):
-        self.reweight, self.layers, self.heads, self.query_classes = reweight, layers, heads, query_classes
+    def __init__(self, reweight, layers, heads, rows):
+        self.reweight, self.layers, self.heads, self.rows = reweight, layers, heads, rows
         self._cache = {}
 
     def applies(self, layer_idx):
         return self.layers is None or (layer_idx is not None and layer_idx in self.layers)
 
-    def tables(self, layer_idx, num_heads):
-        if not self.applies(layer_idx):
-            return {}
+    def tables(self, num_heads):
+        """``{"mul"|"abs"|"add": [H, 6, 6]}`` with the head selection applied (rows are selected by the caller)."""
         if num_heads not in self._cache:
             res = {}
             for name in ("mul", "abs", "add"):
@@ -123,16 +134,44 @@ class Intervention:
                 if self.heads is not None:
                     keep = torch.tensor([h in self.heads for h in range(num_heads)], dtype=full.dtype)
                     full = full * keep[:, None, None]
-                if self.query_classes is not None:
-                    keep = torch.tensor([a in self.query_classes for a in range(NUM_CLASSES)], dtype=full.dtype)
-                    full = full * keep[None, :, None]
                 res[name] = full
             self._cache[num_heads] = res
         return self._cache[num_heads]
 
 
+def _check_rows(rows):
+    if rows is None or (isinstance(rows, str) and rows in ROW_SETS):
+        return rows
+    if isinstance(rows, str):
+        raise ValueError(f"intervene: rows: expected {AFTER_IMAGE!r}, {GENERATED!r} or a set of token classes, "
+                         f"got {rows!r}")
+    try:
+        classes = frozenset(int(c) for c in rows)
+    except (TypeError, ValueError):
+        raise ValueError(f"intervene: rows: expected {AFTER_IMAGE!r}, {GENERATED!r} or a set of token classes, "
+                         f"got {rows!r}") from None
+    bad = sorted(c for c in classes if not 0 <= c < NUM_CLASSES)
+    if bad:
+        raise ValueError(f"intervene: rows: token classes must lie in [0, {NUM_CLASSES}), got {bad}")
+    return classes
+
+
+def _check_layers(layers, num_layers):
+    if layers is None or isinstance(layers, _From):
+        if isinstance(layers, _From) and layers.start >= num_layers:
+            raise ValueError(f"intervene: layers: starts at {layers.start} but the model has {num_layers} layers")
+        return layers
+    if isinstance(layers, int):
+        layers = {layers}
+    layers = set(layers)
+    bad = sorted(x for x in layers if not (isinstance(x, int) and 0 <= x < num_layers))
+    if bad:
+        raise ValueError(f"intervene: layers: the model has layers 0..{num_layers - 1}, got {bad}")
+    return layers
+
+
 @contextlib.contextmanager
-def intervene(model, reweight_or_preset, *, layers=None, heads=None, query_classes=None, token_classes=None):
+def intervene(model, reweight_or_preset, *, layers=None, heads=None, rows=None, token_classes=None):
     """Apply a class-wise score re-weighting in the model's ``"avar"`` attention while the context is open.
 
     Args:
@@ -140,7 +179,8 @@ def intervene(model, reweight_or_preset, *, layers=None, heads=None, query_class
             the 6 integration classes) or a :class:`Preset` (:func:`vaf`, :func:`pai`, :func:`class_bias`).
         layers: the layer indices (a set, a range, an int); default: the preset's, else all.
         heads: the query heads (a set/range); default all.
-        query_classes: the query classes whose rows are re-weighted; default: the preset's, else all.
+        rows: the query rows re-weighted: :data:`AFTER_IMAGE`, :data:`GENERATED` or a set of token classes;
+            default: the preset's, else all rows.
         token_classes: int ``[B, S]``; not needed inside a :func:`record` context, which provides them.
 
     Composes with :func:`record` (either order) and with other interventions (tables add).
@@ -150,17 +190,16 @@ def intervene(model, reweight_or_preset, *, layers=None, heads=None, query_class
         rw = p.reweight
         layers = p.layers if layers is None else layers
         heads = p.heads if heads is None else heads
-        query_classes = p.query_classes if query_classes is None else query_classes
-    elif isinstance(reweight_or_preset, avar_kernels.Reweight):
+        rows = p.rows if rows is None else rows
+    elif isinstance(reweight_or_preset, Reweight):
         rw = reweight_or_preset
     else:
         raise TypeError("intervene: expected an avar_kernels.Reweight or a preset (vaf(), pai(), class_bias())")
-    if isinstance(layers, int):
-        layers = {layers}
+    ctl = controller(model)
+    layers = _check_layers(layers, ctl.lm.config.num_hidden_layers)
     if isinstance(heads, int):
         heads = {heads}
-    iv = Intervention(rw, layers, heads, None if query_classes is None else frozenset(query_classes))
-    ctl = controller(model)
+    iv = Intervention(rw, layers, heads, _check_rows(rows))
     ctl.interventions.append(iv)
     ctl.classes_stack.append(token_classes)
     ctl.changed()

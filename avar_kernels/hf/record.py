@@ -9,6 +9,8 @@ transformers carries down to each attention call:
   new tokens (``S_total = cache length + new tokens``); beams / ``num_return_sequences`` repeat them per row.
 * ``avar_context``: a small per-forward object through which the attention function asks for the re-weighting
   of its layer and hands back its masses.
+* ``avar_query_classes``: int64 ``[B, S_total]``, only while an intervention is active: the query class of every
+  row for the op's tables (:class:`avar_kernels.hf.rows.RowPlan`).
 
 Kwargs, unlike a ContextVar, are captured by gradient checkpointing, so the recomputation in backward sees the
 same classes; a mass that was already stored for this forward and layer is not stored twice.
@@ -24,6 +26,7 @@ import avar_kernels
 from avar_kernels import _checks
 
 from .attention import NUM_CLASSES
+from .rows import RowPlan
 
 _CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -55,16 +58,20 @@ class _Forward:
     It snapshots the active recorders and interventions, so that the recomputation of a layer under gradient
     checkpointing (which runs in backward, possibly after the contexts closed) takes the same path."""
 
-    __slots__ = ("ctl", "step", "recorders", "interventions", "classes_checked")
+    __slots__ = ("ctl", "step", "recorders", "plan", "classes_checked")
 
-    def __init__(self, ctl, step, classes_checked):
+    def __init__(self, ctl, step, classes_checked, plan):
         self.ctl, self.step = ctl, step
         self.classes_checked = classes_checked  # the hook checked the id range once for all layers
         self.recorders = tuple(ctl.recorders)
-        self.interventions = tuple(ctl.interventions)
+        self.plan = plan  # RowPlan of the active interventions, or None
+
+    @property
+    def num_classes(self):
+        return NUM_CLASSES if self.plan is None else self.plan.num_classes
 
     def reweight(self, layer_idx, num_heads, device):
-        return self.ctl.reweight(layer_idx, num_heads, device, self.interventions)
+        return None if self.plan is None else self.plan.reweight(layer_idx, num_heads, device)
 
     def wants_mass(self, layer_idx):
         return any(r.wants(layer_idx) for r in self.recorders)
@@ -85,7 +92,7 @@ class _Controller:
         self.users = 0
         self.step = 0
         self.current_classes = None
-        self._rw_cache: dict = {}
+        self._plans: dict = {}
 
     # ---- lifetime
     def enter(self):
@@ -100,7 +107,17 @@ class _Controller:
             self.handle = None
 
     def changed(self):
-        self._rw_cache.clear()
+        self._plans.clear()
+
+    def plan(self):
+        """The RowPlan of the active interventions (cached until they change), or None."""
+        if not self.interventions:
+            return None
+        key = tuple(id(iv) for iv in self.interventions)
+        if key not in self._plans:
+            cfg = self.lm.config
+            self._plans[key] = RowPlan(tuple(self.interventions), cfg.num_hidden_layers, cfg.num_attention_heads)
+        return self._plans[key]
 
     # ---- the hook
     def _hook(self, module, args, kwargs):
@@ -136,29 +153,11 @@ class _Controller:
             _checks.check_class_range("token classes", cls, NUM_CLASSES)
             self.current_classes = cls
             kwargs["avar_classes"] = cls
-        kwargs["avar_context"] = _Forward(self, self.step, classes_checked=classes is not None)
+        plan = self.plan()
+        if plan is not None and classes is not None:
+            kwargs["avar_query_classes"] = plan.query_classes(cls)
+        kwargs["avar_context"] = _Forward(self, self.step, classes_checked=classes is not None, plan=plan)
         return args, kwargs
-
-    # ---- interventions
-    def reweight(self, layer_idx, num_heads, device, interventions=None):
-        interventions = tuple(self.interventions) if interventions is None else interventions
-        if not interventions:
-            return None
-        key = (layer_idx, num_heads, str(device), tuple(id(iv) for iv in interventions))
-        if key not in self._rw_cache:
-            if len(self._rw_cache) > 256:
-                self._rw_cache.clear()
-            tabs = {"mul": None, "abs": None, "add": None}
-            for iv in interventions:
-                for name, t in iv.tables(layer_idx, num_heads).items():
-                    if t is not None:
-                        tabs[name] = t if tabs[name] is None else tabs[name] + t
-            if all(t is None for t in tabs.values()):
-                self._rw_cache[key] = None
-            else:
-                rw = avar_kernels.Reweight(**{k: (None if t is None else t.to(device)) for k, t in tabs.items()})
-                self._rw_cache[key] = None if rw.is_identity else rw
-        return self._rw_cache[key]
 
 
 def _layer_filter(layers):
@@ -253,10 +252,6 @@ def record(model, token_classes, *, layers=None, reduce=None):
         ctl.exit()
         ctl.recorders.remove(rec)
         _remove(ctl.classes_stack, token_classes)
-
-
-def _contains(lst, obj):
-    return any(x is obj for x in lst)
 
 
 def _remove(lst, obj):
