@@ -20,6 +20,8 @@ os.environ.setdefault("AVAR_TRITON_AUTOTUNE", "0")
 
 triton = pytest.importorskip("triton")
 
+from helpers import fa_close  # noqa: E402
+
 import avar_kernels.triton as T  # noqa: E402
 from avar_kernels import reference as R  # noqa: E402
 from avar_kernels.triton import fwd as TF  # noqa: E402
@@ -33,19 +35,11 @@ ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def fa_check(name, got, ref64, ref_lowp, atol):
-    assert got.shape == ref64.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref64.shape)}"
-    got, ref64, ref_lowp = got.double().cpu(), ref64.double().cpu(), ref_lowp.double().cpu()
-    assert not torch.isnan(got).any(), f"{name}: NaN"
-    inf = torch.isinf(ref64)
-    assert torch.equal(torch.isinf(got), inf) and torch.equal(got[inf], ref64[inf]), f"{name}: infinities differ"
-    fin = ~inf
-    if not fin.any():
-        return 0.0
-    scale = max(1.0, ref64[fin].abs().max().item())
-    err = (got[fin] - ref64[fin]).abs().max().item()
-    base = (ref_lowp[fin] - ref64[fin]).abs().max().item()
-    assert err <= 2 * base + atol * scale, f"{name}: error {err:.3g} > 2 * {base:.3g} + {atol:g} * {scale:.3g}"
-    return err
+    """The FlashAttention rule of tests/helpers.py with atol relative to the reference's largest magnitude."""
+    got, ref64, ref_lowp = got.cpu(), ref64.cpu(), ref_lowp.cpu()
+    fin = torch.isfinite(ref64)
+    scale = max(1.0, ref64[fin].abs().max().item()) if fin.any() else 1.0
+    fa_close(name, got, ref64, ref_lowp, atol * scale)
 
 
 def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV):
@@ -66,9 +60,16 @@ def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV):
 
 
 def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=torch.float32, seed=0,
-             backward=True, device=DEV):
+             backward=True, device=DEV, out_fp32=False, poison=None):
+    """Forward (and backward) against the float64 reference; returns [out, lse, mass(, dq, dk, dv)].
+    poison(q, k, v) edits the float64 inputs in place (non-finite values): then out, lse and mass must be NaN exactly
+    where the reference's are, and a gradient has NaN when the reference's has (the exact entries differ: the
+    reference's dense products also reach masked scores through 0 * NaN, the kernel's visit key blocks); entries
+    finite in both obey the rule."""
     gen = torch.Generator().manual_seed(seed)
     (q64, k64, v64), meta = make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device)
+    if poison is not None:
+        poison(q64, k64, v64)
     wl, wr = window if window is not None else (-1, 0 if causal else -1)
     args = meta + (d ** -0.5, wl, wr)
     tq = q64.shape[0]
@@ -95,8 +96,9 @@ def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=t
     has_empty = not torch.isfinite(ref64[1]).all()
 
     q, k, v = (t.to(device=device, dtype=dtype) for t in (q64, k64, v64))
-    out, lse, mass = T.forward(q, k, v, *args)
-    assert out.dtype == dtype and lse.dtype == torch.float32 and mass.dtype == torch.float32
+    out, lse, mass = T.forward(q, k, v, *args, out_fp32=out_fp32)
+    assert out.dtype == (torch.float32 if out_fp32 else dtype)
+    assert lse.dtype == torch.float32 and mass.dtype == torch.float32
     assert lse.shape == (hq, tq) and mass.shape == (hq, tq, c)
     got = [out, lse, mass]
     if backward:
@@ -108,11 +110,17 @@ def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=t
         dq, dk, dv = T.backward(do, dmass.float() if c else None, delta.contiguous(), q, k, v, out, lse, *args)
         assert dq.dtype == dtype and dk.shape == k.shape and dv.shape == v.shape
         got += [dq, dk, dv]
-    errs = {}
     for name, g, r64, rlp in zip(("out", "lse", "mass", "dq", "dk", "dv"), got, ref64, ref_lp):
         atol = ATOL[dtype] * (1 if name in ("out", "lse", "mass") else 4)
-        errs[name] = fa_check(name, g, r64, rlp, atol)
-    return got, errs
+        if poison is not None:
+            nan, got_nan = torch.isnan(r64).cpu(), torch.isnan(g).cpu()
+            if name in ("out", "lse", "mass"):
+                assert torch.equal(got_nan, nan), f"{name}: NaN differs from the reference's"
+            else:
+                assert got_nan.any() == nan.any(), f"{name}: NaN differs from the reference's"
+            g, r64, rlp = (t.cpu().masked_fill(nan | got_nan, 0) for t in (g, r64, rlp))
+        fa_check(name, g, r64, rlp, atol)
+    return got
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -142,7 +150,7 @@ def test_fwd_bwd(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_empty_rows(dtype):
     """sq > sk with causal: the first sq - sk rows see nothing: out 0, mass 0, lse -inf, no NaN."""
-    got, _ = run_case([40, 3], [17, 3], 4, 2, 64, 3, causal=True, rw="mixed", dtype=dtype)
+    got = run_case([40, 3], [17, 3], 4, 2, 64, 3, causal=True, rw="mixed", dtype=dtype)
     out, lse, mass = got[:3]
     assert torch.isneginf(lse[:, :23]).all() and torch.isfinite(lse[:, 23:]).all()
     assert (out[:23] == 0).all() and (mass[:, :23] == 0).all()
@@ -155,6 +163,32 @@ def test_empty_sequence_and_left_window():
     run_case([5, 0, 20], [0, 7, 20], 2, 1, 32, 2, window=(3, -1), rw="mul")
 
 
+def test_out_fp32():
+    """out_fp32: the unrounded output in float32 (its rounding is the fp16 output, bit for bit); delta formed from it
+    gives gradients within the rule."""
+    got = run_case([24, 9], [31, 9], 4, 2, 32, 3, causal=True, rw="mixed", dtype=torch.float16, out_fp32=True)
+    gen = torch.Generator().manual_seed(0)
+    (q, k, v), meta = make_case([24, 9], [31, 9], 4, 2, 32, 3, "mixed", torch.float16, gen)
+    out16 = T.forward(q.half().to(DEV), k.half().to(DEV), v.half().to(DEV), *meta, 32 ** -0.5, -1, 0)[0]
+    assert torch.equal(got[0].half(), out16)
+    assert not torch.equal(got[0], out16.float())
+
+
+def _set(tensor, index, value):
+    def poison(q, k, v):
+        {"q": q, "k": k, "v": v}[tensor][index] = value
+    return poison
+
+
+@pytest.mark.parametrize("poison", [_set("q", (3, 1, 5), float("nan")), _set("k", (7, 0, 2), float("nan")),
+                                    _set("k", (30, 1, 0), float("inf")), _set("q", (25, 2, 0), float("-inf"))],
+                         ids=["q-nan", "k-nan", "k-inf", "q-neginf"])
+def test_nonfinite_inputs_propagate(poison):
+    """NaN / inf in q or k gives NaN exactly where the float64 reference has it (out, lse, mass, dq, dk, dv), never
+    the zeros of an empty row; everything else stays within the rule."""
+    run_case([20, 9], [31, 9], 4, 2, 32, 3, causal=True, rw="mul", poison=poison)
+
+
 @pytest.mark.parametrize("c", [1, 3, 8])
 def test_masses_loop_variant(c, monkeypatch):
     """The reduction (non-product) formulation of the masses and of the dmass term."""
@@ -163,7 +197,7 @@ def test_masses_loop_variant(c, monkeypatch):
 
 
 def test_masses_sum_to_one():
-    got, _ = run_case([33], [33], 2, 2, 64, 5, backward=False)
+    got = run_case([33], [33], 2, 2, 64, 5, backward=False)
     torch.testing.assert_close(got[2].sum(-1), torch.ones_like(got[2][..., 0]), atol=1e-5, rtol=0)
 
 
