@@ -16,7 +16,8 @@ __all__ = ["attention", "attention_varlen"]
 
 
 def attention(q, k, v, key_class=None, *, query_class=None, num_classes=None, causal=False, softmax_scale=None,
-              window=None, reweight=None, return_mass=True, return_lse=False, backend="auto") -> AttentionOutput:
+              window=None, reweight=None, return_mass=True, return_lse=False, return_key_mass=False,
+              backend="auto") -> AttentionOutput:
     """Exact attention plus, per query row, the softmax mass landing on each class of keys.
 
     Args:
@@ -33,6 +34,9 @@ def attention(q, k, v, key_class=None, *, query_class=None, num_classes=None, ca
         window: ``(left, right)`` sliding window as in FlashAttention, -1 for an unbounded side.
         reweight: :class:`Reweight` tables applied to the scores before the softmax (needs classes).
         return_mass / return_lse: what to return beside ``out``.
+        return_key_mass: also return ``key_mass [B, Hq, Sk, C]``: for every key, the attention it receives from
+            the rows of each query class (summed over the rows, per query head); differentiable. Summed over the
+            image tokens laid on the patch grid it is the image heatmap (docs/op.md, Key masses).
         backend: ``"auto"`` (C++ on CPU tensors, Triton on CUDA tensors), ``"cpu"``, ``"triton"`` or
             ``"reference"`` (plain PyTorch, materializes the attention matrix; the test oracle).
 
@@ -45,6 +49,7 @@ def attention(q, k, v, key_class=None, *, query_class=None, num_classes=None, ca
     _checks.check_reweight(reweight)
     _checks.check_flag("return_mass", return_mass)
     _checks.check_flag("return_lse", return_lse)
+    _checks.check_flag("return_key_mass", return_key_mass)
     b, sq, hq, d = q.shape
     sk = k.shape[1]
 
@@ -64,33 +69,39 @@ def attention(q, k, v, key_class=None, *, query_class=None, num_classes=None, ca
         torch.zeros(b + 1, dtype=torch.int32, device=q.device)
     cu_k = torch.arange(0, (b + 1) * sk, sk, dtype=torch.int32, device=q.device) if sk else \
         torch.zeros(b + 1, dtype=torch.int32, device=q.device)
-    out, lse, mass = attention_packed(
+    _check_key_mass(return_key_mass, num_classes)
+    res = attention_packed(
         q.reshape(b * sq, hq, d), k.reshape(b * sk, k.shape[2], d), v.reshape(b * sk, k.shape[2], d),
         cu_q, cu_k, sq, sk,
         None if key_class is None else key_class.reshape(-1),
         None if query_class is None else query_class.reshape(-1),
-        num_classes, reweight, scale, window_left, window_right, backend)
+        num_classes, reweight, scale, window_left, window_right, backend, key_mass=return_key_mass)
+    out, lse, mass = res[:3]
+    key_mass = res[3].view(hq, b, sk, num_classes).transpose(0, 1).contiguous() if return_key_mass else None
     out = out.view(b, sq, hq, d)
     mass_out = None
     if return_mass and num_classes > 0:
         mass_out = mass.view(hq, b, sq, num_classes).transpose(0, 1).contiguous()
     lse_out = lse.view(hq, b, sq).transpose(0, 1).contiguous() if return_lse else None
-    return AttentionOutput(out, mass_out, lse_out)
+    return AttentionOutput(out, mass_out, lse_out, key_mass)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class=None, *,
                      query_class=None, num_classes=None, causal=False, softmax_scale=None, window=None,
-                     reweight=None, return_mass=True, return_lse=False, backend="auto") -> AttentionOutput:
+                     reweight=None, return_mass=True, return_lse=False, return_key_mass=False,
+                     backend="auto") -> AttentionOutput:
     """:func:`attention` for packed sequences: q ``[Tq, Hq, D]``, k/v ``[Tk, Hk, D]``.
 
     ``cu_seqlens_q/k`` are int32 ``[N + 1]`` offsets of the N sequences; ``key_class`` is ``[Tk]`` and
     ``query_class`` ``[Tq]`` (default: per sequence, the classes of the last ``sq`` key positions). Returns
-    ``AttentionOutput(out [Tq, Hq, D], mass [Hq, Tq, C] or None, lse [Hq, Tq] or None)``.
+    ``AttentionOutput(out [Tq, Hq, D], mass [Hq, Tq, C] or None, lse [Hq, Tq] or None, key_mass [Tk, Hq, C] or
+    None)``.
     """
     _checks.check_qkv(q, k, v, packed=True)
     _checks.check_reweight(reweight)
     _checks.check_flag("return_mass", return_mass)
     _checks.check_flag("return_lse", return_lse)
+    _checks.check_flag("return_key_mass", return_key_mass)
     cq = _checks.check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device)
     ck = _checks.check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, batch=len(cq))
     lens_q = [b - a for a, b in zip(cq, cq[1:])]
@@ -111,7 +122,16 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         default_query_class)
     window_left, window_right = _checks.normalize_window(window, causal)
     scale = _checks.default_scale(softmax_scale, d)
-    out, lse, mass = attention_packed(
+    _check_key_mass(return_key_mass, num_classes)
+    res = attention_packed(
         q, k, v, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k, key_class,
-        query_class, num_classes, reweight, scale, window_left, window_right, backend)
-    return AttentionOutput(out, mass if return_mass and num_classes > 0 else None, lse if return_lse else None)
+        query_class, num_classes, reweight, scale, window_left, window_right, backend, key_mass=return_key_mass)
+    out, lse, mass = res[:3]
+    key_mass = res[3].transpose(0, 1).contiguous() if return_key_mass else None
+    return AttentionOutput(out, mass if return_mass and num_classes > 0 else None, lse if return_lse else None,
+                           key_mass)
+
+
+def _check_key_mass(return_key_mass, num_classes):
+    if return_key_mass and num_classes == 0:
+        raise ValueError("return_key_mass: needs key_class (and query_class): key masses are summed by query class")

@@ -135,23 +135,33 @@ def gather_packed(k_cache, v_cache, cache_seqlens, lens, block_table, key_class)
 
 
 def _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class, query_class, num_classes,
-                  causal, scale, reweight, backend):
+                  causal, scale, reweight, backend, sk_max, key_mass):
     b, sq, hq, d = q.shape
     k, v, cu_k, kc = gather_packed(k_cache, v_cache, cache_seqlens, lens, block_table, key_class)
     cu_q = torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device)
     res = attention_varlen(q.reshape(b * sq, hq, d), k, v, cu_q, cu_k, sq, max(lens) if lens else 0, kc,
                            query_class=None if query_class is None else query_class.reshape(-1),
                            num_classes=num_classes if num_classes else None, causal=causal, softmax_scale=scale,
-                           reweight=reweight, return_mass=True, return_lse=True, backend=backend)
+                           reweight=reweight, return_mass=True, return_lse=True, return_key_mass=key_mass,
+                           backend=backend)
     out = res.out.view(b, sq, hq, d)
     lse = res.lse.view(hq, b, sq).transpose(0, 1)
     mass = res.mass.view(hq, b, sq, num_classes).transpose(0, 1) if res.mass is not None else None
-    return out, lse, mass
+    km = None
+    if key_mass:
+        # back from the packed valid keys [Tk, Hq, C] to cache positions [B, Hq, Sk_max, C] (0 past a cache's end)
+        lens_t = torch.tensor(lens, dtype=torch.long, device=q.device)
+        starts = torch.cumsum(lens_t, 0) - lens_t
+        bidx = torch.repeat_interleave(torch.arange(b, device=q.device), lens_t)
+        pos = torch.arange(int(sum(lens)), device=q.device) - starts.repeat_interleave(lens_t)
+        km = res.key_mass.new_zeros(b, sk_max, hq, num_classes).index_put((bidx, pos), res.key_mass)
+        km = km.transpose(1, 2)
+    return out, lse, mass, km
 
 
 def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *, block_table=None, query_class=None,
                            num_classes=None, causal=True, softmax_scale=None, reweight=None, return_mass=True,
-                           return_lse=False, backend="auto") -> AttentionOutput:
+                           return_lse=False, return_key_mass=False, backend="auto") -> AttentionOutput:
     """Attention of a few new query rows per sequence against a KV cache, with per-class attention mass.
 
     Args:
@@ -171,22 +181,31 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
             backend ``"auto"``), ``"cuda"`` (the kernel or an error), or ``"reference"``/``"cpu"``/``"triton"``
             (the packed varlen path with that backend).
 
+        return_key_mass: also return ``key_mass [B, Hq, Sk_max, C]``: the new rows' attention on every cache
+            position, summed by query class (0 past ``cache_seqlens``); accumulate it over the steps of a generation
+            for a heatmap. Computed by the packed varlen path (the CUDA decode kernel does not produce it).
+
     Returns:
-        ``AttentionOutput(out [B, Sq, Hq, D], mass [B, Hq, Sq, C] float32 or None, lse [B, Hq, Sq] float32 or None)``.
+        ``AttentionOutput(out [B, Sq, Hq, D], mass [B, Hq, Sq, C] float32 or None, lse [B, Hq, Sq] float32 or None,
+        key_mass or None)``.
     """
     if backend not in KV_BACKENDS:
         raise ValueError(f"backend: expected one of {KV_BACKENDS}, got {backend!r}")
     b, sq, hq, hk, d, sk_max, block_size, lens = _checks.check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
     _checks.check_reweight(reweight)
-    for name, flag in (("causal", causal), ("return_mass", return_mass), ("return_lse", return_lse)):
+    for name, flag in (("causal", causal), ("return_mass", return_mass), ("return_lse", return_lse),
+                       ("return_key_mass", return_key_mass)):
         _checks.check_flag(name, flag)
     key_class, query_class, num_classes = _resolve_classes(key_class, query_class, num_classes, reweight,
                                                            cache_seqlens, lens, b, sq, sk_max, q.device)
     scale = _checks.default_scale(softmax_scale, d)
+    if return_key_mass and num_classes == 0:
+        raise ValueError("return_key_mass: needs key_class: key masses are summed by query class")
     if b == 0:  # empty in, empty out
         return AttentionOutput(q * 0, q.new_zeros(0, hq, sq, num_classes, dtype=torch.float32)
                                if return_mass and num_classes > 0 else None,
-                               q.new_zeros(0, hq, sq, dtype=torch.float32) if return_lse else None)
+                               q.new_zeros(0, hq, sq, dtype=torch.float32) if return_lse else None,
+                               q.new_zeros(0, hq, sk_max, num_classes) if return_key_mass else None)
     tables = (None, None, None)
     if reweight is not None and num_classes > 0:
         tables = reweight.tables(hq, num_classes, q.device)
@@ -204,6 +223,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
         why_not = f"Sq={sq} > {CUDA_MAX_SQ} query rows per sequence"
     elif needs_grad:
         why_not = "it has no backward and an input requires grad"
+    elif return_key_mass:
+        why_not = "it does not compute key masses (return_key_mass=True)"
     elif not cuda_available():
         why_not = _cuda_unavailable_reason()
 
@@ -212,10 +233,12 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
     if backend == "cuda" or (backend == "auto" and why_not is None):
         out, lse, mass = _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class,
                                    num_classes, tables, scale, causal)
+        key_mass = None
     else:
         if backend == "auto" and q.device.type == "cuda" and _cuda_module() is None:
             warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")
-        out, lse, mass = _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class,
-                                       query_class, num_classes, causal, scale, reweight, backend)
+        out, lse, mass, key_mass = _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class,
+                                                 query_class, num_classes, causal, scale, reweight, backend, sk_max,
+                                                 return_key_mass)
     return AttentionOutput(out, mass.contiguous() if return_mass and num_classes > 0 and mass is not None else None,
-                           lse.contiguous() if return_lse else None)
+                           lse.contiguous() if return_lse else None, key_mass)

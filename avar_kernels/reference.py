@@ -38,15 +38,17 @@ def reweight_scores(z, mul, abs_, add, qcls, kcls):
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right):
-    """Packed form: q [Tq, Hq, D], k/v [Tk, Hk, D] -> out [Tq, Hq, D], lse [Hq, Tq] fp32, mass [Hq, Tq, C] fp32.
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False, key_mass=False):
+    """Packed form: q [Tq, Hq, D], k/v [Tk, Hk, D] -> out [Tq, Hq, D], lse [Hq, Tq] fp32, mass [Hq, Tq, C] fp32,
+    and with ``key_mass=True`` a fourth output ``key_mass [Hq, Tk, C]`` fp32: per key, the attention it receives
+    from the rows of each query class. ``out_fp32`` is accepted for the backend contract (out stays in q's dtype).
 
     Computed in q's dtype (lse and mass too, then cast to float32) so that the FlashAttention rule can
     compare a kernel with this reference run in the kernel's own dtype.
     """
     hq, hk = q.shape[1], k.shape[1]
     group = hq // hk
-    outs, lses, masses = [], [], []
+    outs, lses, masses, key_masses = [], [], [], []
     cq = cu_seqlens_q.tolist()
     ck = cu_seqlens_k.tolist()
     for n in range(len(cq) - 1):
@@ -74,6 +76,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         if num_classes > 0:
             onehot = torch.nn.functional.one_hot(key_class[ck[n]:ck[n + 1]].long(), num_classes).to(p.dtype)
             masses.append(torch.matmul(p, onehot))  # [H, sq, C]
+            if key_mass:
+                onehot_q = torch.nn.functional.one_hot(query_class[cq[n]:cq[n + 1]].long(), num_classes).to(p.dtype)
+                key_masses.append(torch.matmul(p.transpose(1, 2), onehot_q))  # [H, sk, C]
     out = torch.cat(outs, 0).to(q.dtype)
     lse = torch.cat(lses, 1).float() if q.dtype != torch.float64 else torch.cat(lses, 1)
     if num_classes > 0:
@@ -81,4 +86,11 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         mass = mass if q.dtype == torch.float64 else mass.float()
     else:
         mass = q.new_zeros(hq, q.shape[0], 0, dtype=torch.float32)
-    return out, lse, mass
+    if not key_mass:
+        return out, lse, mass
+    if num_classes > 0:
+        km = torch.cat(key_masses, 1)
+        km = km if q.dtype == torch.float64 else km.float()
+    else:
+        km = q.new_zeros(hq, k.shape[0], 0, dtype=torch.float32)
+    return out, lse, mass, km

@@ -20,12 +20,14 @@ class AttentionOutput(NamedTuple):
     """Result of the fused op.
 
     ``out`` like q; ``mass`` float32 per query row and key class (None when not asked or without classes);
-    ``lse`` float32 log-sum-exp of each row's scores (None when not asked).
+    ``lse`` float32 log-sum-exp of each row's scores (None when not asked); ``key_mass`` float32 per key and query
+    class: the attention each key receives from the rows of each class (None unless ``return_key_mass=True``).
     """
 
     out: torch.Tensor
     mass: Optional[torch.Tensor]
     lse: Optional[torch.Tensor]
+    key_mass: Optional[torch.Tensor] = None
 
 
 def _as_table(name, value):

@@ -14,6 +14,7 @@ if os.environ.get("CI"):
 # Triton kernels run on the CPU through the interpreter; this must be set before triton.jit runs.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("AVAR_TRITON_AUTOTUNE", "0")  # one config per kernel: the interpreter is slow
 
 _empty, _empty_like = torch.empty, torch.empty_like
 

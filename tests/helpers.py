@@ -45,19 +45,23 @@ def random_reweight(kind, hq, c, gen):
     raise ValueError(kind)
 
 
-def run_op(fn, args, kwargs, dtype, backend, dout, dmass, dlse):
-    """Runs fn on args cast to dtype; returns (out, mass, lse, dq, dk, dv) as float64 clones."""
+def run_op(fn, args, kwargs, dtype, backend, dout, dmass, dlse, dkey_mass=None):
+    """Runs fn on args cast to dtype; returns (out, mass, lse, dq, dk, dv, key_mass) as float64 clones (key_mass
+    only with ``return_key_mass=True`` in kwargs, else an empty tensor)."""
     q, k, v = (t.detach().to(dtype).requires_grad_(True) for t in args[:3])
     res = fn(q, k, v, *args[3:], **kwargs, return_lse=True, backend=backend)
     loss = (res.out.double() * dout).sum() + (res.lse.double().nan_to_num(0, 0, 0) * dlse).sum()
     if res.mass is not None:
         loss = loss + (res.mass.double() * dmass).sum()
+    if res.key_mass is not None:
+        loss = loss + (res.key_mass.double() * dkey_mass).sum()
     loss.backward()
-    return [t.detach() for t in (res.out, res.mass if res.mass is not None else torch.zeros(0), res.lse,
-                                 q.grad, k.grad, v.grad)]
+    empty = torch.zeros(0)
+    return [t.detach() for t in (res.out, res.mass if res.mass is not None else empty, res.lse,
+                                 q.grad, k.grad, v.grad, res.key_mass if res.key_mass is not None else empty)]
 
 
-NAMES = ("out", "mass", "lse", "dq", "dk", "dv")
+NAMES = ("out", "mass", "lse", "dq", "dk", "dv", "key_mass")
 
 
 def check_against_reference(fn, args, kwargs, dtype, backend, seed=0):
@@ -67,13 +71,14 @@ def check_against_reference(fn, args, kwargs, dtype, backend, seed=0):
     dout = torch.randn(probe.out.shape, generator=gen, dtype=torch.float64)
     dmass = torch.randn(probe.mass.shape, generator=gen, dtype=torch.float64) if probe.mass is not None else None
     dlse = torch.randn(probe.lse.shape, generator=gen, dtype=torch.float64)
-    ref64 = run_op(fn, args, kwargs, torch.float64, "reference", dout, dmass, dlse)
+    dkm = torch.randn(probe.key_mass.shape, generator=gen, dtype=torch.float64) if probe.key_mass is not None else None
+    ref64 = run_op(fn, args, kwargs, torch.float64, "reference", dout, dmass, dlse, dkm)
     lowp = torch.float32 if dtype in (torch.float32, torch.float64) else dtype
     ref_lowp = run_op(fn, args, kwargs, lowp if dtype != torch.float64 else torch.float64, "reference",
-                      dout, dmass, dlse)
-    got = run_op(fn, args, kwargs, dtype, backend, dout, dmass, dlse)
+                      dout, dmass, dlse, dkm)
+    got = run_op(fn, args, kwargs, dtype, backend, dout, dmass, dlse, dkm)
     for name, g, r, rl in zip(NAMES, got, ref64, ref_lowp):
-        fa_close(name, g, r, rl, ATOL[dtype] * (1 if name in ("out", "mass", "lse") else 4))
+        fa_close(name, g, r, rl, ATOL[dtype] * (1 if name in ("out", "mass", "lse", "key_mass") else 4))
     return got
 
 
