@@ -1,0 +1,43 @@
+"""A short, fixed-seed run of the random op fuzz (tests/fuzz_op.py) in process: small shapes, the CPU kernel's default
+block sizes, every op and edge-case category that passes on main, a few Triton configs under the interpreter.
+
+The full fuzz (subprocess per chunk, both block-size settings, 10^4 configs) is a script:
+``python tests/fuzz_op.py --configs 10000 --seed 0 --jobs 2``.
+"""
+import pytest
+from fuzz_op import category, run_config, sample_config
+
+NUM_CONFIGS = 80
+MAX_TRITON = 3  # each Triton config takes seconds in the interpreter
+
+
+def _still_failing(cfg):
+    """Categories that the full fuzz still fails on main; they join this test as their fixes land."""
+    # NaN / inf in q, k, v are swallowed by the CPU kernel (out 0, lse -inf) instead of propagating
+    if cfg["edge"] == "nonfinite":
+        return True
+    # huge logits: the backward's recomputed scores differ from the forward's, and P = exp(z' - lse) is not
+    # normalised when |z'| is beyond the dtype's precision
+    if cfg["edge"] == "huge":
+        return True
+    # fp16 / bf16 with gradients: the CPU backend does not yet take the float32 output (out_fp32) for delta
+    return cfg["backend"] == "cpu" and cfg["grad"] and cfg["dtype"] in ("float16", "bfloat16")
+
+
+def _configs():
+    picked, triton = [], 0
+    seed = 0
+    while len(picked) < NUM_CONFIGS:
+        cfg = sample_config(seed, small=True)
+        seed += 1
+        if _still_failing(cfg) or (cfg["backend"] == "triton" and triton == MAX_TRITON):
+            continue
+        triton += cfg["backend"] == "triton"
+        picked.append(cfg)
+    return picked
+
+
+@pytest.mark.parametrize("cfg", _configs(), ids=lambda c: f"seed{c['seed']}-{category(c)}-{c['backend']}-{c['dtype']}")
+def test_op_matches_reference(cfg):
+    res = run_config(cfg)
+    assert res["status"] == "pass", "\n".join(f"{kind}: {msg}" for kind, msg in res["failures"])
