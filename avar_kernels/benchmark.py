@@ -7,6 +7,7 @@
     # time(case) / time(baseline) from the same repetition.
     res = bm.compare({"sdpa": run_sdpa, "avar": run_avar}, baseline="sdpa", device="cuda", reps=10, warmup=2)
     res["avar"].median, res["avar"].min, res["avar"].ratio, res["avar"].error   # seconds, seconds, x, str | None
+    res["avar"].ratio_to(res["other"])                                          # the same ratio to another case
 
     with bm.timer("cuda") as t:        # one timed region; synchronizes CUDA (events on the GPU)
         step()
@@ -112,6 +113,12 @@ class Timing:
     def min(self) -> float | None:
         return min(self.times) if self.times else None
 
+    def ratio_to(self, other: Timing) -> float | None:
+        """Median over repetitions of time(self) / time(other) in the same repetition (None if either failed)."""
+        if self.error is not None or other.error is not None or not self.times or len(self.times) != len(other.times):
+            return None
+        return statistics.median(a / b for a, b in zip(self.times, other.times))
+
 
 def _error_text(exc: BaseException) -> str:
     lines = str(exc).strip().splitlines()
@@ -154,11 +161,9 @@ def compare(cases: dict[str, Callable[[], object]], *, baseline: str | None = No
                 out[name].error = _error_text(exc)
                 continue
             out[name].times.append(t.seconds / number)
-    if baseline is not None and out[baseline].error is None:
-        base = out[baseline].times
+    if baseline is not None:
         for timing in out.values():
-            if timing.error is None and len(timing.times) == len(base):
-                timing.ratio = statistics.median(a / b for a, b in zip(timing.times, base))
+            timing.ratio = timing.ratio_to(out[baseline])
     return out
 
 
