@@ -347,3 +347,66 @@ def test_class_ids_read_back_once_per_forward(monkeypatch):
     with pytest.raises(ValueError, match=r"token classes: class ids must lie in \[0, num_classes=6\)"):
         with torch.no_grad(), ah.record(ms["avar"], bad):
             ms["avar"](**kw)
+
+
+def eager_key_mass(attn, cls):
+    """[B, H, Sq, Sk] weights summed over the query rows of each class -> [B, H, Sk, C]."""
+    return attn.float().transpose(-1, -2) @ torch.nn.functional.one_hot(cls[:, -attn.shape[-2]:], C).float()[:, None]
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
+def test_record_key_mass_matches_eager(family):
+    ms, mk = models(family, ("avar", "eager"))
+    kw = mk(rows_for(mk), padding="left")
+    cls = classes_of(kw)
+    with torch.no_grad():
+        with ah.record(ms["avar"], cls, key_mass=True) as rec:
+            ms["avar"](**kw)
+        out = ms["eager"](**kw, output_attentions=True)
+    valid = kw["attention_mask"].bool()
+    for l, km in enumerate(rec.key_mass):
+        want = eager_key_mass(out.attentions[l] * valid[:, None, :, None], cls)   # real query rows only
+        assert km.shape == (2, 4, cls.shape[1], C)
+        torch.testing.assert_close(km.permute(0, 2, 1, 3)[valid], want.permute(0, 2, 1, 3)[valid], atol=1e-5,
+                                   rtol=1e-4)
+    maps = ah.image_heatmaps(rec.key_mass, cls, image_grid_thw=kw.get("image_grid_thw"), query_class={USER, RESPONSE})
+    assert len(maps) == 2 and all(len(m) >= 1 for m in maps)
+    for m in (x for sample in maps for x in sample):
+        assert m.dim() == 2 and m.shape[0] == m.shape[1] and abs(float(m.sum()) - 1) < 1e-5
+
+
+def test_record_key_mass_accumulates_over_generate():
+    ms, mk = models("qwen2_5_vl", ("avar", "eager"))
+    kw = mk(rows_for(mk)[:1])
+    cls = classes_of(kw)
+    n = 3
+    with torch.no_grad(), ah.record(ms["avar"], cls, key_mass=True) as rec:
+        seq = ms["avar"].generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    s0 = kw["input_ids"].shape[1]
+    full = dict(kw, input_ids=seq[:, :-1], attention_mask=torch.ones(1, s0 + n - 1, dtype=torch.long),
+                mm_token_type_ids=torch.nn.functional.pad(kw["mm_token_type_ids"], (0, n - 1)))
+    with torch.no_grad():
+        out = ms["eager"](**full, output_attentions=True)
+    for l, km in enumerate(rec.key_mass):
+        torch.testing.assert_close(km, eager_key_mass(out.attentions[l], rec.classes), atol=1e-5, rtol=1e-4)
+
+
+def test_key_mass_gradient_matches_eager():
+    ms, mk = models("qwen2_vl", ("avar", "eager"))
+    kw = mk(rows_for(mk)[:1])
+    cls = classes_of(kw)
+    grads = {}
+    for impl, m in ms.items():
+        m.zero_grad()
+        if impl == "avar":
+            with ah.record(m, cls, key_mass=True) as rec:
+                m(**kw)
+            kms = rec.key_mass
+        else:
+            kms = [eager_key_mass(a, cls) for a in m(**kw, output_attentions=True).attentions]
+        # grounding-style loss: the attention image tokens receive from the response rows
+        loss = sum(km[..., RESPONSE][:, :, (cls[0] == IMAGE)].sum() for km in kms)
+        loss.backward()
+        grads[impl] = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None and "layers" in n}
+    for n, g in grads["eager"].items():
+        torch.testing.assert_close(grads["avar"][n], g, atol=1e-5, rtol=1e-3, msg=lambda m, n=n: f"{n}: {m}")

@@ -3,20 +3,24 @@
 * ``"avar"``: an attention implementation name (registered on import, :func:`register`), e.g.
   ``Model.from_pretrained(path, attn_implementation={"text_config": "avar", "vision_config": "sdpa"})``.
 * :func:`token_classes`: per-token classes (image, system, user, response, video, other) from a chat template.
-* :func:`record`: the per-class attention masses of each layer, differentiable, also during ``generate()``.
+* :func:`record`: the per-class attention masses of each layer, differentiable, also during ``generate()``;
+  with ``key_mass=True`` also the attention each position receives (:func:`image_heatmaps` lays it on the image).
 * :func:`intervene` with the presets :func:`vaf`, :func:`pai`, :func:`class_bias`: class-wise score re-weighting.
 """
 from __future__ import annotations
 
 from .attention import NUM_CLASSES, avar_attention
 from .classes import token_classes
+from .heatmap import image_heatmaps
 from .intervene import Preset, class_bias, intervene, pai, vaf
+from .rows import AFTER_IMAGE, GENERATED
 from .record import Recorder, find_language_model, record, use_classes
 
 NAME = "avar"
 
 __all__ = ["register", "NAME", "NUM_CLASSES", "avar_attention", "token_classes", "record", "Recorder",
-           "intervene", "Preset", "vaf", "pai", "class_bias", "use_classes", "find_language_model"]
+           "intervene", "Preset", "vaf", "pai", "class_bias", "use_classes", "find_language_model", "image_heatmaps",
+           "AFTER_IMAGE", "GENERATED"]
 
 
 def register(name: str = NAME) -> str:

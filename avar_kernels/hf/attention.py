@@ -138,9 +138,10 @@ def fit_classes(classes: torch.Tensor, batch: int, sk: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ fallback
 
-def masked_attention(q, k, v, mask, key_class, query_class, reweight, scale, num_classes):
+def masked_attention(q, k, v, mask, key_class, query_class, reweight, scale, num_classes, key_mass=False):
     """Materializing attention with a bool mask ``[B, Sq, Sk]`` (True = visible); q ``[B,Sq,H,D]``, k/v
-    ``[B,Sk,Hk,D]``. Returns ``(out [B,Sq,H,D], mass [B,H,Sq,C] or None)``; rows without keys give 0."""
+    ``[B,Sk,Hk,D]``. Returns ``(out [B,Sq,H,D], mass [B,H,Sq,C] or None, key_mass [B,H,Sk,C] or None)``; rows
+    without keys give 0."""
     h, hk = q.shape[2], k.shape[2]
     rep = h // hk
     qf, kf, vf = q.float(), k.float().repeat_interleave(rep, 2), v.float().repeat_interleave(rep, 2)
@@ -159,11 +160,14 @@ def masked_attention(q, k, v, mask, key_class, query_class, reweight, scale, num
     p = torch.softmax(z, dim=-1)
     p = torch.where(vis.any(-1, keepdim=True), p, torch.zeros_like(p))
     out = torch.einsum("bhqk,bkhd->bqhd", p, vf).to(q.dtype)
-    mass = None
+    mass = km = None
     if key_class is not None:
         onehot = torch.nn.functional.one_hot(key_class.long(), num_classes).float()    # [B, Sk, C]
         mass = torch.einsum("bhqk,bkc->bhqc", p, onehot)
-    return out, mass
+        if key_mass:
+            onehot_q = torch.nn.functional.one_hot(query_class.long(), num_classes).float()    # [B, Sq, C]
+            km = torch.einsum("bhqk,bqc->bhkc", p, onehot_q)
+    return out, mass, km
 
 
 # ----------------------------------------------------------------------------------------- the function
@@ -204,6 +208,7 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
     layer_idx = getattr(module, "layer_idx", None)
     reweight = ctx.reweight(layer_idx, h, query.device) if ctx is not None else None
     want_mass = ctx is not None and ctx.wants_mass(layer_idx)
+    want_key_mass = ctx is not None and ctx.wants_key_mass(layer_idx)
     need_classes = want_mass or reweight is not None
     if need_classes and classes is None:
         raise ValueError("avar: a recorder or an intervention is active but no token classes were given")
@@ -226,7 +231,7 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
         kcls = fit_classes(classes.to(query.device), b, sk)
         qcls = kcls[:, sk - sq:]
         row_classes = kwargs.get("avar_query_classes")
-        if reweight is not None and row_classes is not None:
+        if (reweight is not None or want_key_mass) and row_classes is not None:
             qcls = fit_classes(row_classes.to(query.device), b, sk)[:, sk - sq:]
 
     cu_q = kwargs.get("cu_seq_lens_q")
@@ -241,8 +246,8 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
     elif mask is not None:
         plan = compile_mask(mask, sq, sk, causal, wl)
 
-    mass = None
-    if plan is None and _use_decode_kernel(q, sq, sk, causal, window):
+    mass = key_mass = None
+    if plan is None and not want_key_mass and _use_decode_kernel(q, sq, sk, causal, window):
         # Generation step on a GPU: the split-KV CUDA kernel reads the cache once for all heads of a group.
         res = avar_kernels.attention_with_kvcache(
             q, k, v, torch.full((b,), sk, dtype=torch.int32, device=q.device), kcls, query_class=qcls,
@@ -253,27 +258,32 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
         res = avar_kernels.attention(q, k, v, kcls, query_class=qcls,
                                      num_classes=num_classes if need_classes else None, causal=causal,
                                      softmax_scale=scale, window=window, reweight=reweight,
-                                     return_mass=want_mass, backend=backend)
-        out, mass = res.out, res.mass
+                                     return_mass=want_mass, return_key_mass=want_key_mass, backend=backend)
+        out, mass, key_mass = res.out, res.mass, res.key_mass
     elif plan.kind == "varlen":
         res = avar_kernels.attention_varlen(
             q.reshape(b * sq, h, d), k.reshape(b * sk, k.shape[2], d), v.reshape(b * sk, v.shape[2], d),
             plan.cu_q, plan.cu_k, plan.max_q, plan.max_k,
             None if kcls is None else kcls.reshape(-1), query_class=None if qcls is None else qcls.reshape(-1),
             num_classes=num_classes if need_classes else None, causal=causal, softmax_scale=scale, window=window,
-            reweight=reweight, return_mass=want_mass, backend=backend)
+            reweight=reweight, return_mass=want_mass, return_key_mass=want_key_mass, backend=backend)
         out = res.out.view(b, sq, h, d)
         if res.mass is not None:
             mass = res.mass.view(h, b, sq, num_classes).transpose(0, 1)
+        if res.key_mass is not None:
+            key_mass = res.key_mass.view(b, sk, h, num_classes).transpose(1, 2)
         if plan.q_valid is not None:
             keep = plan.q_valid.to(out.dtype)
             out = out * keep[:, :, None, None]
             if mass is not None:
                 mass = mass * keep[:, None, :, None]
+            if key_mass is not None and sq == sk:  # padding queries see only padding keys: clear those keys
+                key_mass = key_mass * plan.q_valid.to(key_mass.dtype)[:, None, :, None]
     else:
         warn_once("avar: the attention mask is not a padding/packing/causal/sliding-window mask; using the "
                    "materializing PyTorch fallback (O(S^2) memory)")
-        out, mass = masked_attention(q, k, v, mask[:, 0], kcls, qcls, reweight, scale, num_classes)
+        out, mass, key_mass = masked_attention(q, k, v, mask[:, 0], kcls, qcls, reweight, scale, num_classes,
+                                               want_key_mass)
     if want_mass and mass is not None:
-        ctx.store(layer_idx, mass[..., :NUM_CLASSES])
+        ctx.store(layer_idx, mass[..., :NUM_CLASSES], key_mass)
     return out, None

@@ -76,10 +76,16 @@ class _Forward:
     def wants_mass(self, layer_idx):
         return any(r.wants(layer_idx) for r in self.recorders)
 
-    def store(self, layer_idx, mass):
+    def wants_key_mass(self, layer_idx):
+        return any(r.key_mass_wanted and r.wants(layer_idx) for r in self.recorders)
+
+    def store(self, layer_idx, mass, key_mass=None):
+        """Hands a layer's masses ``[B, H, Sq, C]`` (and key masses ``[B, H, Sk, C']`` by query id) to the recorders."""
+        if key_mass is not None and self.plan is not None:
+            key_mass = self.plan.key_mass_by_class(key_mass)
         for r in self.recorders:
             if r.wants(layer_idx):
-                r._store(self.step, layer_idx, mass)
+                r._store(self.step, layer_idx, mass, key_mass if r.key_mass_wanted else None)
 
 
 class _Controller:
@@ -110,13 +116,16 @@ class _Controller:
         self._plans.clear()
 
     def plan(self):
-        """The RowPlan of the active interventions (cached until they change), or None."""
+        """The RowPlan of the active interventions (cached until they change), or None. While key masses are
+        recorded, its query ids keep token classes apart (key masses are summed by token class)."""
         if not self.interventions:
             return None
-        key = tuple(id(iv) for iv in self.interventions)
+        by_class = any(r.key_mass_wanted for r in self.recorders)
+        key = (tuple(id(iv) for iv in self.interventions), by_class)
         if key not in self._plans:
             cfg = self.lm.config
-            self._plans[key] = RowPlan(tuple(self.interventions), cfg.num_hidden_layers, cfg.num_attention_heads)
+            self._plans[key] = RowPlan(tuple(self.interventions), cfg.num_hidden_layers, cfg.num_attention_heads,
+                                       by_class=by_class)
         return self._plans[key]
 
     # ---- the hook
@@ -176,13 +185,19 @@ class Recorder:
     ``generate()`` append their new query rows (dim -2), so after ``generate()`` the rows cover the prompt and
     every generated token but the last (whose forward never runs). ``chunks[layer]`` keeps the per-forward pieces.
     ``classes`` is the ``[B, S]`` class tensor of the last forward (extended during generation).
+
+    With ``key_mass=True``, ``key_mass`` is a list over the same layers of float32 ``[B, H, S, C]`` tensors: the
+    attention each position receives from the rows of each token class, summed over the forwards of a generation
+    (each step's rows add to the cache positions they see).
     """
 
-    def __init__(self, ctl, layers, reduce):
+    def __init__(self, ctl, layers, reduce, key_mass=False):
         self._ctl = ctl
         self._layers = _layer_filter(layers)
         self._reduce = _make_reduce(reduce)
+        self.key_mass_wanted = bool(key_mass)
         self.chunks: dict = {}
+        self.key_chunks: dict = {}
         self._seen: set = set()
 
     def wants(self, layer_idx):
@@ -190,13 +205,16 @@ class Recorder:
 
     def _new_sequence(self):
         self.chunks = {}
+        self.key_chunks = {}
         self._seen = set()
 
-    def _store(self, step, layer_idx, mass):
+    def _store(self, step, layer_idx, mass, key_mass=None):
         if (step, layer_idx) in self._seen:      # recomputation under gradient checkpointing
             return
         self._seen.add((step, layer_idx))
         self.chunks.setdefault(layer_idx, []).append(self._reduce(mass))
+        if key_mass is not None:
+            self.key_chunks.setdefault(layer_idx, []).append(key_mass)
 
     @property
     def layers(self):
@@ -208,6 +226,18 @@ class Recorder:
         for layer in self.layers:
             c = self.chunks[layer]
             out.append(c[0] if len(c) == 1 else torch.cat(c, dim=-2))
+        return out
+
+    @property
+    def key_mass(self):
+        if not self.key_mass_wanted:
+            raise ValueError("record: key masses were not recorded; use record(..., key_mass=True)")
+        out = []
+        for layer in self.layers:
+            pieces = self.key_chunks.get(layer, [])
+            total = max(p.shape[-2] for p in pieces)
+            acc = sum(torch.nn.functional.pad(p, (0, 0, 0, total - p.shape[-2])) for p in pieces)
+            out.append(acc)
         return out
 
     @property
@@ -228,7 +258,7 @@ def _make_reduce(reduce):
 
 
 @contextlib.contextmanager
-def record(model, token_classes, *, layers=None, reduce=None):
+def record(model, token_classes, *, layers=None, reduce=None, key_mass=False):
     """Record the per-class attention masses of the language model's layers.
 
     Args:
@@ -238,11 +268,13 @@ def record(model, token_classes, *, layers=None, reduce=None):
         reduce: None (keep ``[B, H, S, C]``), ``"mean_heads"`` / ``"sum_heads"`` (``[B, S, C]``) or a callable
             applied to each ``[B, H, Sq, C]`` piece as it is produced (memory O(layers) when it reduces over S;
             it should keep the query axis at dim -2 for the decode steps of ``generate()`` to be concatenated).
+        key_mass: also record key masses (``Recorder.key_mass``): per position, the attention it receives from
+            each token class of query rows; :func:`avar_kernels.hf.image_heatmaps` lays an image's on its grid.
 
     Yields a :class:`Recorder`. Usable around ``model(...)``, ``model.generate(...)`` and a backward pass.
     """
     ctl = controller(model)
-    rec = Recorder(ctl, layers, reduce)
+    rec = Recorder(ctl, layers, reduce, key_mass=key_mass)
     ctl.classes_stack.append(token_classes)
     ctl.recorders.append(rec)
     ctl.enter()

@@ -50,9 +50,13 @@ def steers(rows, sig: int) -> bool:
 
 
 class RowPlan:
-    """The query classes and the per-layer :class:`Reweight` tables of a set of active interventions."""
+    """The query classes and the per-layer :class:`Reweight` tables of a set of active interventions.
 
-    def __init__(self, interventions, num_layers: int, num_heads: int):
+    With ``by_class`` every query class id belongs to one token class (``id_class``), so that key masses summed
+    by these ids can be summed back by token class.
+    """
+
+    def __init__(self, interventions, num_layers: int, num_heads: int, by_class: bool = False):
         self.num_heads = num_heads
         effective = []
         for sig in range(NUM_SIGNATURES):
@@ -68,15 +72,20 @@ class RowPlan:
                             if name in tabs:
                                 acc[layer, w] += tabs[name][:, cls, :]
             effective.append(acc)
-        groups, lut = {}, []
-        for acc in effective:
-            key = acc.numpy().tobytes()
-            lut.append(groups.setdefault(key, len(groups)))
+        groups, lut, id_class = {}, [], []
+        for sig, acc in enumerate(effective):
+            cls = sig % NUM_CLASSES
+            key = (cls if by_class else None, acc.numpy().tobytes())
+            if key not in groups:
+                groups[key] = len(groups)
+                id_class.append(cls)
+            lut.append(groups[key])
         if len(groups) > MAX_CLASSES:
             raise ValueError(f"intervene: the active interventions need {len(groups)} distinct query-row tables, "
                              f"the op takes at most {MAX_CLASSES}: use fewer or coarser row selections")
         self.num_classes = max(NUM_CLASSES, len(groups))
         self.lut = torch.tensor(lut)
+        self.id_class = torch.tensor(id_class) if by_class else None
         rep = {g: effective[sig] for sig, g in reversed(list(enumerate(lut)))}
         c = self.num_classes
         self._layers = []
@@ -92,6 +101,11 @@ class RowPlan:
 
     def query_classes(self, classes: torch.Tensor) -> torch.Tensor:
         return self.lut.to(classes.device)[row_signatures(classes)]
+
+    def key_mass_by_class(self, key_mass: torch.Tensor) -> torch.Tensor:
+        """``[..., num_classes]`` key masses summed by query class id -> ``[..., NUM_CLASSES]`` by token class."""
+        onehot = torch.nn.functional.one_hot(self.id_class.to(key_mass.device), NUM_CLASSES).to(key_mass.dtype)
+        return key_mass[..., :len(self.id_class)] @ onehot
 
     def reweight(self, layer_idx, num_heads, device):
         if num_heads != self.num_heads:
