@@ -13,8 +13,8 @@ from .attention import NUM_CLASSES, avar_attention
 from .classes import token_classes
 from .heatmap import image_heatmaps
 from .intervene import Preset, class_bias, intervene, pai, vaf
-from .rows import AFTER_IMAGE, GENERATED
 from .record import Recorder, find_language_model, record, use_classes
+from .rows import AFTER_IMAGE, GENERATED
 
 NAME = "avar"
 
