@@ -119,22 +119,22 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
             tadd = tl.zeros([BLOCK_N, CLASS_TILE], dtype=tl.float32)
         for phase in tl.static_range(3):
             if phase != 0 or HAS_WR:  # the first query phase (a masked upper edge) exists only with a right window
-                MASKED: tl.constexpr = phase != 1
+                masked = phase != 1  # the edge phases 0 and 2 mask scores
                 start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
                 for b in range(nblocks):
                     rows = start + b * BLOCK_M + offs_m
                     rmask = rows < sq
                     g_rows = (q_start + rows).to(tl.int64)
                     # [BLOCK_M, BLOCK_D] tiles
-                    q = _load_tile(Q_h, g_rows, stride_qt, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-                    do = _load_tile(DO_h, g_rows, stride_dot, rmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+                    q = _load_tile(Q_h, g_rows, stride_qt, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
+                    do = _load_tile(DO_h, g_rows, stride_dot, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
                     idx = rows
                     if HAS_RW:
                         qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
                         idx = qcls[None, :] * C + kcls[:, None]  # [BLOCK_N, BLOCK_M]
                     sT, zT = _scores(k, q, idx, rows[None, :], offs_n[:, None], sq, sk, wl, wr, qk_scale,
-                                     MUL_h, ABS_h, ADD_h, MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
+                                     MUL_h, ABS_h, ADD_h, masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
                                      PREC)  # [BLOCK_N, BLOCK_M]
                     pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
@@ -233,20 +233,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
     lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
     for phase in tl.static_range(3):
         if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
-            MASKED: tl.constexpr = phase != 1
+            masked = phase != 1  # the edge phases 0 and 2 mask scores
             start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
             for b in range(nblocks):
                 cols = start + b * BLOCK_N + offs_n
                 kmask = cols < sk
-                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
-                v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                # [BLOCK_N, BLOCK_D] tiles
+                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)
+                v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                 idx = cols
                 if HAS_CLASSES:
                     kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
                     if HAS_RW:
                         idx = qcls[:, None] * C + kcls[None, :]  # [BLOCK_M, BLOCK_N]
                 s, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale, MUL, ABS, ADD,
-                               MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                               masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
                 if HAS_CLASSES:

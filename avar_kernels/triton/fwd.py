@@ -239,26 +239,26 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
     lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
     for phase in tl.static_range(3):
         if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
-            MASKED: tl.constexpr = phase != 1
+            masked = phase != 1  # the edge phases 0 and 2 mask scores
             start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
             for b in range(nblocks):
                 cols = start + b * BLOCK_N + offs_n
                 kmask = cols < sk
-                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
                 idx = cols
                 if HAS_CLASSES:
                     kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
                     if HAS_RW:
                         idx = qcls[:, None] * C + kcls[None, :]  # [BLOCK_M, BLOCK_N]
                 _, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale, MUL, ABS, ADD,
-                               MASKED, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                               masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 m_new = tl.maximum(m_i, tl.max(z, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.math.exp2(z - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
                 alpha = tl.math.exp2(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
                 acc = acc * alpha[:, None]
-                v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, MASKED, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
                 if HAS_CLASSES:
                     acc_m = acc_m * alpha[:, None]

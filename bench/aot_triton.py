@@ -1,0 +1,194 @@
+"""Compile the Triton kernels ahead of time for sm_90a and sm_80 (no GPU needed) and tabulate, per kernel and
+launch config: registers, spill bytes, shared memory against the architecture's limit, and the PTX counts of
+wgmma products, wgmma waits, barriers and async-proxy fences.
+
+The kernels are compiled from the bound arguments of real launches: the backend's forward and backward run on
+CPU tensors with the autotuner replaced by a recorder, so each kernel sees exactly the keyword arguments,
+feature flags and config list (AVAR_TRITON_AUTOTUNE=full: every listed config) that a GPU launch would.
+It is the static proxy between GPU runs: it predicts occupancy limits, spills and launch failures
+(OutOfResources), not timings.
+
+    python bench/aot_triton.py                                # everything, both architectures
+    python bench/aot_triton.py --arch 90 --dims 128 --kernels fwd --out /tmp/fwd.md
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import re
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ["AVAR_TRITON_AUTOTUNE"] = "full"
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime's default, stated to silence its warning
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from avar_kernels.triton import bwd as triton_bwd  # noqa: E402
+from avar_kernels.triton import fwd as triton_fwd  # noqa: E402
+
+# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100/H200, A100.
+SMEM_LIMIT = {90: 232_448, 80: 166_912}
+KERNEL_NAMES = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
+VARIANTS = ("plain", "masses", "masses+table")
+# The measured shape of the GPU benchmark: bf16, 16 heads, causal; a short sequence (lengths do not change code).
+HEADS, TOKENS, NUM_CLASSES = 16, 256, 5
+
+
+class _Recorder:
+    """Stands in for the autotuned kernel: keeps the config list and the keyword arguments of each launch."""
+
+    def __init__(self, kernel, configs, launches):
+        self.kernel, self.configs, self.launches = kernel, configs, launches
+
+    def __getitem__(self, grid):
+        return lambda **kwargs: self.launches.append((self.kernel, self.configs, kwargs))
+
+
+def record_launches(dim, variant, dtype=torch.bfloat16):
+    """[(kernel, configs, kwargs)] of one forward and one backward of the backend (CPU tensors, nothing runs)."""
+    launches = []
+    real_autotune = triton.autotune
+    triton.autotune = lambda configs, **_: (lambda kernel: _Recorder(kernel, configs, launches))
+    triton_fwd._fwd_tuned.clear()
+    triton_bwd._tuned.clear()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(TOKENS, HEADS, dim, generator=gen).to(dtype) for _ in range(3))
+        cu = torch.tensor([0, TOKENS], dtype=torch.int32)
+        c = 0 if variant == "plain" else NUM_CLASSES
+        cls = torch.randint(0, NUM_CLASSES, (TOKENS,), generator=gen, dtype=torch.int32) if c else None
+        mul = 0.1 * torch.randn(HEADS, c, c, generator=gen) if variant == "masses+table" else None
+        args = (cu, cu, TOKENS, TOKENS, cls, cls, c, mul, None, None, dim ** -0.5, -1, 0)
+        triton_fwd.forward(q, k, v, *args)
+        out = torch.zeros_like(q)
+        lse = torch.zeros(HEADS, TOKENS)
+        dmass = torch.zeros(HEADS, TOKENS, c) if c else None
+        triton_bwd.backward(out, dmass, torch.zeros(HEADS, TOKENS), q, k, v, out, lse, *args)
+    finally:
+        triton.autotune = real_autotune
+    return launches
+
+
+_PTXAS = [("regs", r"Used (\d+) registers"), ("spill_st", r"(\d+) bytes spill stores"),
+          ("spill_ld", r"(\d+) bytes spill loads")]
+_PTX_COUNTS = [("wgmma", r"wgmma\.mma_async"), ("mma", r"\bmma\.sync"), ("wgmma_wait", r"wgmma\.wait_group"),
+               ("bar_sync", r"\b(?:bar|barrier)\.sync"), ("fence", r"fence\.proxy\.async")]
+
+
+def compile_one(job):
+    """Compile one (kernel, config, kwargs) for one architecture; returns a row of figures."""
+    kernel, config, kwargs, arch = job
+    jit = kernel.fn
+    args = {**kwargs, **config.kwargs}
+    for name, rule in kernel.values.items():  # the kernel's @triton.heuristics feature flags
+        args[name] = rule(args)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    binder = create_function_from_signature(jit.signature, jit.params, backend)
+    bound, specialization, _ = binder(**args)
+    _, signature, constexprs, attrs = jit._pack_args(backend, {**args, **options}, bound, specialization, options)
+    triton.knobs.compilation.always_compile = True  # a cache hit would skip ptxas and its log
+    triton.knobs.nvidia.dump_ptxas_log = True
+    log = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options)
+    except Exception as exc:  # a config ptxas rejects is a finding, not a crash of the report
+        return dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+    row = dict(seconds=time.perf_counter() - start, smem=compiled.metadata.shared)
+    text = log.getvalue()
+    for key, pattern in _PTXAS:
+        found = re.search(pattern, text)
+        row[key] = int(found.group(1)) if found else 0
+    row["serialized"] = "serialized" in text
+    ptx = compiled.asm["ptx"]
+    for key, pattern in _PTX_COUNTS:
+        row[key] = len(re.findall(pattern, ptx))
+    return row
+
+
+def collect(archs, dims, kernels, variants, jobs):
+    work, keys = [], []
+    for dim in dims:
+        for variant in variants:
+            for kernel, configs, kwargs in record_launches(dim, variant):
+                name = KERNEL_NAMES[kernel.fn.__name__]
+                if name not in kernels:
+                    continue
+                for config in configs:
+                    for arch in archs:
+                        cfg = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
+                               config.num_stages)
+                        keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg))
+                        work.append((kernel, config, kwargs, arch))
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(compile_one, work))
+    else:
+        rows = [compile_one(job) for job in work]
+    return [{**key, **row} for key, row in zip(keys, rows)]
+
+
+def markdown(rows, title):
+    lines = [f"# {title}", "",
+             f"triton {triton.__version__}, bf16, {HEADS} heads, causal, C = {NUM_CLASSES} classes with masses, "
+             "MUL table for 'masses+table'. Spill: bytes stored / loaded. Shared memory against the opt-in limit "
+             f"per block ({', '.join(f'sm_{a}: {v:,} B' for a, v in SMEM_LIMIT.items())}). PTX counts: wgmma.mma_async "
+             "(mma.sync on sm_80), wgmma.wait_group, bar.sync, fence.proxy.async; 'ser.': ptxas serialized wgmma.", ""]
+    for arch in sorted({r["arch"] for r in rows}, reverse=True):
+        lines += [f"## sm_{arch}{'a' if arch >= 90 else ''}", "",
+                  "| kernel | D | variant | BM x BN, warps, stages | regs | spill st/ld | smem B | smem % | "
+                  f"{'wgmma' if arch >= 90 else 'mma'} | waits | bar.sync | fences | ser. |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in (r for r in rows if r["arch"] == arch):
+            cfg = "{} x {}, {}w, {}s".format(*r["config"])
+            head = f"| {r['kernel']} | {r['dim']} | {r['variant']} | {cfg} |"
+            if "error" in r:
+                lines.append(f"{head} {r['error']} |||||||||")
+                continue
+            pct = 100 * r["smem"] / SMEM_LIMIT[arch]
+            mma = r["wgmma"] if arch >= 90 else r["mma"]
+            lines.append(f"{head} {r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['smem']:,} | "
+                         f"{pct:.0f}%{' OVER' if pct > 100 else ''} | {mma} | {r['wgmma_wait']} | {r['bar_sync']} | "
+                         f"{r['fence']} | {'yes' if r['serialized'] else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(SMEM_LIMIT))
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--kernels", nargs="+", default=list(KERNEL_NAMES.values()),
+                        choices=list(KERNEL_NAMES.values()))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
+    parser.add_argument("--title", default="Triton kernels compiled ahead of time")
+    parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = collect(args.arch, args.dims, args.kernels, args.variants, args.jobs)
+    text = markdown(rows, args.title)
+    text += f"\n`python bench/aot_triton.py {' '.join(argv if argv is not None else sys.argv[1:])}` " \
+            f"({len(rows)} compiles, {time.perf_counter() - start:.0f} s)\n"
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
