@@ -1,429 +1,256 @@
 #!/usr/bin/env python
-"""GPU benchmark of the Triton backend against stock attention, in one run on one machine (SPEC 6).
+"""Prefill benchmark on a GPU: ak.attention (the Triton backend, through its autograd) against stock attention.
 
-Measures forward, backward and forward+backward TFLOP/s (triton.testing.do_bench, bf16, batch * seqlen =
-16k tokens) for (D=128, H=16) and (D=64, H=32), S in {1k, 2k, 4k, 8k, 16k}, causal and not, for:
+Forward and forward+backward TFLOP/s, every method of a shape timed interleaved in one run
+(avar_kernels.benchmark.compare: CUDA events, medians, ratios to sdpa_flash from the same repetitions), bf16,
+H=16, D=128, causal, B x S = 16k tokens, S in {4k, 8k, 16k}; peak memory of one forward+backward. Methods:
 
-  avar            the Triton kernel, no classes (plain attention)
-  avar_mass       the Triton kernel with C=4 classes (out + masses), backward through out and masses
-  avar_mass_rw    the same plus a class-wise MUL table (the re-weighting)
-  sdpa_flash      SDPA, FLASH_ATTENTION backend (the reference of every ratio)
-  sdpa_cudnn      SDPA, CUDNN_ATTENTION backend
-  flex            FlexAttention, torch.compile'd
-  flex_mass_rw    FlexAttention with a class-wise score_mod and one-hot class columns appended to V
-  vaug_sdpa       SDPA with C one-hot class columns appended to V (q, k zero-padded to width D+8):
-                  output columns D..D+C are the masses
-  eager           eager attention that keeps the weights (only up to --eager-max-s)
+  avar           ak.attention, no classes (plain attention)
+  avar_mass      ak.attention with C=5 classes: out + masses; the backward goes through both
+  avar_mass_vaf  the same with a VAF table (user and response queries: image keys MUL +0.15)
+  sdpa_flash     SDPA, FLASH_ATTENTION backend (the baseline of every ratio)
+  sdpa_cudnn     SDPA, CUDNN_ATTENTION backend
+  flex           FlexAttention, torch.compile'd, causal block mask
+  flex_mass_vaf  FlexAttention with the VAF table as a class score_mod and C one-hot class columns in V
+  sdpa_onehot    SDPA with C one-hot class columns appended to V (q, k zero-padded to D+8): masses, no table
 
-FLOPs are the nominal attention FLOPs of width D (4 B H S^2 D, halved when causal; backward 2.5x, both 3.5x)
-for every method, so ratios equal time ratios. Peak memory is the extra allocation of one fwd+bwd.
-A baseline that fails is printed and marked n/a. A time budget (--budget) keeps the run short: past it,
-the optional baselines are skipped (marked "skipped") and only avar and sdpa_flash are measured.
+Classes: `vlm` layout (system 10%, image 60%, user 20%, response 10% of every sequence) or `random` (one class
+per token), --layout. FLOPs are the nominal ones of width D for every method (avar_kernels.benchmark.
+attention_flops), so ratios equal time ratios. The forward runs under torch.no_grad. A method that fails is
+reported with its error; past --budget seconds the optional methods are skipped. Writes <out>.md/.json/.csv
+after every shape.
 
-  python bench/bench_triton_gpu.py --out bench/results/triton_h100.md      # writes .md and .csv
-  python bench/bench_triton_gpu.py --dry-run --out /tmp/x.md              # no GPU: exercises the tables
+  python bench/bench_triton_gpu.py --out bench/results/gpu/prefill
+  python bench/bench_triton_gpu.py --device cpu --seqlens 256 --tokens 512 --heads 2 --out /tmp/x  # script check
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
 import sys
 import time
-import traceback
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-METHODS = ["avar", "avar_mass", "avar_mass_rw", "sdpa_flash", "sdpa_cudnn", "flex", "flex_mass_rw", "vaug_sdpa",
-           "eager"]
-ESSENTIAL = {"avar", "avar_mass", "sdpa_flash"}
-NUM_CLASSES = 4
-TOKENS = 16 * 1024
+import avar_kernels as ak  # noqa: E402
+from avar_kernels import benchmark as bm  # noqa: E402
+
+METHODS = ["avar", "avar_mass", "avar_mass_vaf", "sdpa_flash", "sdpa_cudnn", "flex", "flex_mass_vaf", "sdpa_onehot"]
+ESSENTIAL = {"avar", "avar_mass", "avar_mass_vaf", "sdpa_flash"}
+NUM_CLASSES = 5
+ONEHOT_WIDTH = 8  # one-hot columns appended to V: C, padded to a multiple of 8
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Methods: each builder returns fn() -> (outputs tuple, grad_outputs tuple) closures
-# ----------------------------------------------------------------------------------------------------------
-
-class _AvarFn(torch.autograd.Function):
-    """Autograd around the backend's packed forward/backward (what the dispatcher does, without checks)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, cu, max_s, kcls, c, mul, scale, wr):
-        from avar_kernels import triton as T
-        out, lse, mass = T.forward(q, k, v, cu, cu, max_s, max_s, kcls, kcls, c, mul, None, None, scale, -1, wr)
-        ctx.save_for_backward(q, k, v, out, lse, mass, cu, kcls if kcls is not None else cu,
-                              mul if mul is not None else lse)
-        ctx.meta = (max_s, c, mul is not None, kcls is not None, scale, wr)
-        return out, mass
-
-    @staticmethod
-    def backward(ctx, dout, dmass):
-        from avar_kernels import triton as T
-        q, k, v, out, lse, mass, cu, kcls, mul = ctx.saved_tensors
-        max_s, c, has_mul, has_cls, scale, wr = ctx.meta
-        dout = dout.contiguous()
-        delta = (dout.float() * out.float()).sum(-1).transpose(0, 1)
-        if c and dmass is not None:
-            dmass = dmass.float().contiguous()
-            delta = delta + (dmass * mass).sum(-1)
-        else:
-            dmass = None
-        dq, dk, dv = T.backward(dout, dmass, delta.contiguous(), q, k, v, out, lse, cu, cu, max_s, max_s,
-                                kcls if has_cls else None, kcls if has_cls else None, c,
-                                mul if has_mul else None, None, None, scale, -1, wr)
-        return dq, dk, dv, None, None, None, None, None, None, None
+def key_classes(b: int, s: int, layout: str, device) -> torch.Tensor:
+    if layout == "vlm":
+        bounds = [0, s // 10, s // 10 + (6 * s) // 10, s - s // 10, s]
+        ids = torch.empty(s, dtype=torch.int32)
+        for cls, lo, hi in zip((ak.SYSTEM, ak.IMAGE, ak.USER, ak.RESPONSE), bounds[:-1], bounds[1:]):
+            ids[lo:hi] = cls
+        return ids.expand(b, s).contiguous().to(device)
+    g = torch.Generator().manual_seed(s)
+    return torch.randint(0, NUM_CLASSES, (b, s), generator=g, dtype=torch.int32).to(device)
 
 
-def make_inputs(b, s, h, d, device, dtype, seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(b, s, h, d, device=device, dtype=dtype, generator=g)
-    k = torch.randn(b, s, h, d, device=device, dtype=dtype, generator=g)
-    v = torch.randn(b, s, h, d, device=device, dtype=dtype, generator=g)
-    kcls = torch.randint(0, NUM_CLASSES, (b, s), device=device, generator=g, dtype=torch.int32)
-    # classes in contiguous runs, as in a VLM prompt (template, image, system, user)
-    kcls = torch.sort(kcls, dim=1).values.contiguous()
-    mul = torch.zeros(h, NUM_CLASSES, NUM_CLASSES, device=device, dtype=torch.float32)
-    mul[:, :, 1] = 0.15
-    mul[:, :, 2] = -0.4
-    return q, k, v, kcls, mul
+def vaf_table(device) -> torch.Tensor:
+    mul = torch.zeros(NUM_CLASSES, NUM_CLASSES, device=device)
+    mul[[ak.USER, ak.RESPONSE], ak.IMAGE] = 0.15
+    return mul
 
 
-def build(method, q, k, v, kcls, mul, causal):
-    """q, k, v [B, S, H, D] (bf16). Returns run() -> (outputs, grad_outputs) with leaves requiring grad."""
-    import torch.nn.functional as F
-    b, s, h, d = q.shape
-    scale = d ** -0.5
-    C = NUM_CLASSES
-
-    if method.startswith("avar"):
-        cu = torch.arange(0, (b + 1) * s, s, device=q.device, dtype=torch.int32)
-        qp, kp, vp = (t.reshape(b * s, h, d).detach().clone().requires_grad_(True) for t in (q, k, v))
-        with_cls = method != "avar"
-        kc = kcls.reshape(-1).contiguous() if with_cls else None
-        c = C if with_cls else 0
-        m = mul if method == "avar_mass_rw" else None
-        wr = 0 if causal else -1
-        dout = torch.randn_like(qp)
-        dm = torch.randn(h, b * s, C, device=q.device) if with_cls else None
-
-        def run():
-            out, mass = _AvarFn.apply(qp, kp, vp, cu, s, kc, c, m, scale, wr)
-            return (out, mass) if with_cls else (out,), (dout, dm) if with_cls else (dout,)
-        return run, (qp, kp, vp)
-
-    qt, kt, vt = (t.transpose(1, 2).detach().clone().requires_grad_(True) for t in (q, k, v))  # [B, H, S, D]
-    dout = torch.randn_like(qt)
-
-    if method in ("sdpa_flash", "sdpa_cudnn"):
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        be = SDPBackend.FLASH_ATTENTION if method == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
-
-        def run():
-            with sdpa_kernel(be):
-                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale)
-            return (out,), (dout,)
-        return run, (qt, kt, vt)
-
-    if method == "vaug_sdpa":
-        w = d + 8  # C one-hot columns, padded to a multiple of 8
-        onehot = torch.nn.functional.one_hot(kcls.long(), w - d).to(q.dtype)  # [B, S, 8]; classes < C
-        onehot = onehot[:, None].expand(b, h, s, w - d)
-        zpad = torch.zeros(b, h, s, w - d, device=q.device, dtype=q.dtype)
-        dout_aug = torch.randn(b, h, s, w, device=q.device, dtype=q.dtype)
-
-        def run():
-            qa = torch.cat([qt, zpad], -1)
-            ka = torch.cat([kt, zpad], -1)
-            va = torch.cat([vt, onehot], -1)
-            out = F.scaled_dot_product_attention(qa, ka, va, is_causal=causal, scale=scale)
-            return (out,), (dout_aug,)  # out[..., :d] = attention, out[..., d:d+C] = masses
-        return run, (qt, kt, vt)
-
-    if method in ("flex", "flex_mass_rw"):
-        from torch.nn.attention.flex_attention import create_block_mask
-        flex_c = _compiled_flex()
-        bm = None
-        if causal:
-            bm = create_block_mask(lambda bb, hh, qi, ki: qi >= ki, B=None, H=None, Q_LEN=s, KV_LEN=s,
-                                   device=q.device)
-        if method == "flex":
-            def run():
-                out = flex_c(qt, kt, vt, block_mask=bm, scale=scale)
-                return (out,), (dout,)
-            return run, (qt, kt, vt)
-        w = d + 8
-        onehot = torch.nn.functional.one_hot(kcls.long(), w - d).to(q.dtype)[:, None].expand(b, h, s, w - d)
-        kc = kcls.long()
-        tab = mul.to(torch.float32)
-        dout_aug = torch.randn(b, h, s, w, device=q.device, dtype=q.dtype)
-
-        def score_mod(score, bb, hh, qi, ki):
-            return score * (1.0 + tab[hh, kc[bb, qi], kc[bb, ki]])
-
-        def run():
-            va = torch.cat([vt, onehot], -1)
-            out = flex_c(qt, kt, va, score_mod=score_mod, block_mask=bm, scale=scale)
-            return (out,), (dout_aug,)
-        return run, (qt, kt, vt)
-
-    if method == "eager":
-        mask = torch.ones(s, s, device=q.device, dtype=torch.bool).tril() if causal else None
-
-        def run():
-            sc = torch.matmul(qt, kt.transpose(-1, -2)) * scale
-            if mask is not None:
-                sc = sc.masked_fill(~mask, float("-inf"))
-            wts = torch.softmax(sc.float(), -1).to(q.dtype)  # kept: what output_attentions=True returns
-            out = torch.matmul(wts, vt)
-            return (out, wts), (dout, None)
-        return run, (qt, kt, vt)
-
-    raise ValueError(method)
-
-
-_FLEX = None
+_FLEX = {}
 
 
 def _compiled_flex():
-    global _FLEX
-    if _FLEX is None:
+    if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
-        _FLEX = torch.compile(flex_attention, dynamic=False)
-    return _FLEX
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
+    return _FLEX["fn"]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Timing
-# ----------------------------------------------------------------------------------------------------------
+def build(method, q, k, v, kc):
+    """q, k, v [B, S, H, D]. Returns (leaves, run) with run() -> [(output, grad_output), ...]."""
+    b, s, h, d = q.shape
+    dev = q.device
+    if method.startswith("avar"):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        dout = torch.randn_like(q)
+        classes = kc if method != "avar" else None
+        rw = ak.Reweight(mul=vaf_table(dev)) if method == "avar_mass_vaf" else None
+        dmass = torch.randn(b, h, s, NUM_CLASSES, device=dev) if classes is not None else None
 
-def _bench(fn, warmup, rep):
-    import triton.testing
-    try:
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-    except TypeError:
-        return triton.testing.do_bench(fn, warmup=warmup, rep=rep)
+        def run():
+            res = ak.attention(*leaves, classes, num_classes=NUM_CLASSES if classes is not None else None,
+                               causal=True, reweight=rw)
+            return [(res.out, dout)] + ([(res.mass, dmass)] if classes is not None else [])
+        return leaves, run
+
+    # SDPA and Flex in their native [B, H, S, D] layout
+    leaves = [t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in (q, k, v)]
+    qt, kt, vt = leaves
+    scale = d ** -0.5
+    onehot = F.one_hot(kc.long(), ONEHOT_WIDTH).to(q.dtype)[:, None].expand(b, h, s, ONEHOT_WIDTH)
+    dout = torch.randn_like(qt)
+    dout_wide = torch.randn(b, h, s, d + ONEHOT_WIDTH, device=dev, dtype=q.dtype)
+
+    if method in ("sdpa_flash", "sdpa_cudnn"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        backend = SDPBackend.FLASH_ATTENTION if method == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
+
+        def run():
+            with sdpa_kernel(backend):
+                return [(F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale), dout)]
+        return leaves, run
+
+    if method == "sdpa_onehot":
+        def run():
+            pad = (0, ONEHOT_WIDTH)
+            o = F.scaled_dot_product_attention(F.pad(qt, pad), F.pad(kt, pad), torch.cat([vt, onehot], -1),
+                                               is_causal=True, scale=scale)
+            return [(o, dout_wide)]  # o[..., :D] = attention, o[..., D:D+C] = masses
+        return leaves, run
+
+    if method in ("flex", "flex_mass_vaf"):
+        from torch.nn.attention.flex_attention import create_block_mask
+        flex = _compiled_flex()
+        block_mask = create_block_mask(lambda bb, hh, qi, ki: qi >= ki, B=None, H=None, Q_LEN=s, KV_LEN=s,
+                                       device=dev)
+        if method == "flex":
+            def run():
+                return [(flex(qt, kt, vt, block_mask=block_mask, scale=scale), dout)]
+            return leaves, run
+        cls = kc.long()
+        table = vaf_table(dev)
+
+        def score_mod(score, bb, hh, qi, ki):
+            return score * (1.0 + table[cls[bb, qi], cls[bb, ki]])
+
+        def run():
+            o = flex(qt, kt, torch.cat([vt, onehot], -1), score_mod=score_mod, block_mask=block_mask, scale=scale)
+            return [(o, dout_wide)]
+        return leaves, run
+    raise ValueError(f"method: expected one of {METHODS}, got {method!r}")
 
 
-def measure(run, leaves, warmup, rep):
-    """Returns dict(fwd_ms, bwd_ms, fwdbwd_ms, peak_mib)."""
-    outs, gouts = run()  # compile / autotune
-    pairs = [(o, g) for o, g in zip(outs, gouts) if g is not None]
-    torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs])
-    torch.cuda.synchronize()
-    del outs
-
+def fwd_fn(run):
     def fwd():
         with torch.no_grad():
             run()
+    return fwd
 
+
+def fwdbwd_fn(run, leaves):
     def fwdbwd():
-        o, g = run()
-        pr = [(a, b) for a, b in zip(o, g) if b is not None]
-        torch.autograd.grad([a for a, _ in pr], leaves, [b for _, b in pr])
-
-    res = {"fwd_ms": _bench(fwd, warmup, rep)}
-    outs, gouts = run()
-    pairs = [(o, g) for o, g in zip(outs, gouts) if g is not None]
-
-    def bwd():
-        torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], retain_graph=True)
-
-    res["bwd_ms"] = _bench(bwd, warmup, rep)
-    del outs, gouts, pairs
-    res["fwdbwd_ms"] = _bench(fwdbwd, warmup, rep)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fwdbwd()
-    torch.cuda.synchronize()
-    res["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    return res
+        pairs = run()
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        for t in leaves:
+            t.grad = None
+    return fwdbwd
 
 
-def flops_fwd(b, h, s, d, causal):
-    f = 4.0 * b * h * s * s * d
-    return f / 2 if causal else f
+def measure_shape(args, s, report, t_start):
+    b, h, d = max(1, args.tokens // s), args.heads, args.head_dim
+    dev = torch.device(args.device)
+    g = torch.Generator(device=dev).manual_seed(s)
+    q, k, v = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16, generator=g) for _ in range(3))
+    kc = key_classes(b, s, args.layout, dev)
+    runs, skipped, errors = {}, {}, {}
+    for method in args.methods:
+        if method not in ESSENTIAL and time.time() - t_start > args.budget:
+            skipped[method] = "skipped (time budget)"
+            continue
+        try:
+            runs[method] = build(method, q, k, v, kc)
+        except Exception as exc:  # a baseline missing on this machine is reported, never fatal
+            errors[method] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160]}"
+    fwd = bm.compare({m: fwd_fn(r) for m, (_, r) in runs.items()}, baseline="sdpa_flash"
+                     if "sdpa_flash" in runs else None, device=dev, reps=args.reps, warmup=args.warmup)
+    fb = bm.compare({m: fwdbwd_fn(r, leaves) for m, (leaves, r) in runs.items()}, baseline="sdpa_flash"
+                    if "sdpa_flash" in runs else None, device=dev, reps=args.reps, warmup=args.warmup)
+    flops = bm.attention_flops(b, h, s, s, d, causal=True)
+    for method in args.methods:
+        row = {"S": s, "B": b, "method": method, "layout": args.layout if "mass" in method or "onehot" in method
+               else "-"}
+        if method in runs:
+            tf, tb = fwd[method], fb[method]
+            leaves, run = runs[method]
+            mem = bm.peak_memory(fwdbwd_fn(run, leaves), dev) if tb.error is None else None
+            row.update({
+                "fwd ms": None if tf.median is None else tf.median * 1e3,
+                "fwd TFLOP/s": None if tf.median is None else flops / tf.median / 1e12,
+                "fwd x flash": None if tf.ratio is None else 1 / tf.ratio,
+                "fwd+bwd ms": None if tb.median is None else tb.median * 1e3,
+                "fwd+bwd TFLOP/s": None if tb.median is None else 3.5 * flops / tb.median / 1e12,
+                "fwd+bwd x flash": None if tb.ratio is None else 1 / tb.ratio,
+                "peak MiB": None if mem is None else mem.bytes / 2**20,
+                "error": tf.error or tb.error,
+            })
+        else:
+            row["error"] = errors.get(method) or skipped.get(method)
+        report.add(row)
+        print(f"S={s} B={b} {method:14s} fwd {bm.fmt(row.get('fwd TFLOP/s'))} TFLOP/s "
+              f"(x{bm.fmt(row.get('fwd x flash'), 2)})  fwd+bwd {bm.fmt(row.get('fwd+bwd TFLOP/s'))} TFLOP/s "
+              f"(x{bm.fmt(row.get('fwd+bwd x flash'), 2)})  peak {bm.fmt(row.get('peak MiB'), 0)} MiB"
+              + (f"  [{row['error']}]" if row.get("error") else ""), flush=True)
+    runs.clear()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Tables
-# ----------------------------------------------------------------------------------------------------------
-
-FIELDS = ["gpu", "D", "H", "B", "S", "causal", "method", "status", "fwd_ms", "bwd_ms", "fwdbwd_ms",
-          "fwd_tflops", "bwd_tflops", "fwdbwd_tflops", "fwd_x_flash", "bwd_x_flash", "fwdbwd_x_flash", "peak_mib"]
-
-
-def add_derived(rows):
-    """TFLOP/s and speed ratios to sdpa_flash of the same shape (>1 = faster than SDPA-flash)."""
-    flash = {}
-    for r in rows:
-        if r["method"] == "sdpa_flash" and r["status"] == "ok":
-            flash[(r["D"], r["H"], r["S"], r["causal"])] = r
-    for r in rows:
-        ff = flops_fwd(r["B"], r["H"], r["S"], r["D"], r["causal"])
-        for kind, mult in (("fwd", 1.0), ("bwd", 2.5), ("fwdbwd", 3.5)):
-            ms = r.get(f"{kind}_ms")
-            ok = r["status"] == "ok" and ms is not None and ms > 0 and math.isfinite(ms)
-            r[f"{kind}_tflops"] = ff * mult / (ms * 1e-3) / 1e12 if ok else None
-            fr = flash.get((r["D"], r["H"], r["S"], r["causal"]))
-            r[f"{kind}_x_flash"] = (fr[f"{kind}_ms"] / ms) if ok and fr is not None else None
-    return rows
-
-
-def _fmt(x, nd=1):
-    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{nd}f}"
-
-
-def write_tables(rows, path, gpu, args):
-    rows = sorted(rows, key=lambda r: (-r["D"], r["S"], not r["causal"], METHODS.index(r["method"])))
-    base, _ = os.path.splitext(path)
-    csv_path = base + ".csv"
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(csv_path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k) for k in FIELDS})
-    lines = [f"# Triton backend vs stock attention on {gpu}", "",
-             f"torch {torch.__version__}, triton {_triton_version()}, bf16, batch x seqlen = {TOKENS} tokens, "
-             f"C = {NUM_CLASSES} classes for the *_mass methods. TFLOP/s use the nominal FLOPs of width D for every "
-             f"method (causal halves them; backward = 2.5x, fwd+bwd = 3.5x forward); (x) is the speed ratio to "
-             f"sdpa_flash of the same row (>1 faster). Peak = extra MiB allocated by one fwd+bwd. "
-             f"do_bench warmup={args.warmup} ms, rep={args.rep} ms.", ""]
-    for (d, h) in sorted({(r["D"], r["H"]) for r in rows}, reverse=True):
-        lines += [f"## D = {d}, H = {h}", "",
-                  "| S | causal | method | fwd TFLOP/s (x) | bwd TFLOP/s (x) | fwd+bwd TFLOP/s (x) | peak MiB |",
-                  "|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if (r["D"], r["H"]) != (d, h):
-                continue
-            if r["status"] != "ok":
-                cells = [r["status"]] * 3 + ["n/a"]
-            else:
-                cells = [f"{_fmt(r[f'{k}_tflops'])} ({_fmt(r[f'{k}_x_flash'], 2)})" for k in ("fwd", "bwd", "fwdbwd")]
-                cells.append(_fmt(r.get("peak_mib"), 0))
-            lines.append(f"| {r['S']} | {'yes' if r['causal'] else 'no'} | {r['method']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    with open(path, "w") as f:
-        f.write("\n".join(lines))
-    print("\n".join(lines))
-    print(f"wrote {path} and {csv_path}")
-
-
-def _triton_version():
-    try:
-        import triton
-        return triton.__version__
-    except Exception:
-        return "n/a"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------------------
-
-def plan(args):
-    """Shapes in priority order: the judged shape (S=8k, D=128, causal) first."""
-    shapes = []
-    for d, h in args.configs:
-        for s in args.seqlens:
-            for causal in (True, False):
-                shapes.append((d, h, s, causal))
-
-    def prio(x):
-        d, h, s, causal = x
-        return (0 if (d, s) == (128, 8192) else 1, 0 if s == 8192 else 1, -d, not causal, s)
-    return sorted(shapes, key=prio)
+def summary(rows, methods) -> str:
+    """The issue's table: TFLOP/s per (pass, S) and method."""
+    lines = ["| pass, S | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for key, label in (("fwd TFLOP/s", "fwd"), ("fwd+bwd TFLOP/s", "fwd+bwd")):
+        for s in sorted({r["S"] for r in rows}):
+            cells = {r["method"]: r.get(key) for r in rows if r["S"] == s}
+            lines.append(f"| {label} {s} | " + " | ".join(bm.fmt(cells.get(m), 0) for m in methods) + " |")
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results/triton_gpu.md", help="markdown path; the CSV goes beside it")
-    p.add_argument("--seqlens", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--configs", type=lambda s: [tuple(int(y) for y in x.split("x")) for x in s.split(",")],
-                   default=[(128, 16), (64, 32)], help="DxH list, e.g. 128x16,64x32")
-    p.add_argument("--methods", type=lambda s: s.split(","), default=METHODS)
-    p.add_argument("--flex-seqlens", type=lambda s: [int(x) for x in s.split(",")], default=[2048, 8192],
-                   help="S values where FlexAttention runs (each shape is a fresh torch.compile)")
-    p.add_argument("--eager-max-s", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--rep", type=int, default=40)
-    p.add_argument("--budget", type=float, default=240.0,
-                   help="seconds; past it only avar and sdpa_flash run, past 1.4x it the run stops")
-    p.add_argument("--dry-run", action="store_true", help="no GPU: fake timings, exercises planning and tables")
-    args = p.parse_args(argv)
-    bad = [m for m in args.methods if m not in METHODS]
-    if bad:
-        p.error(f"unknown methods {bad}; choose from {METHODS}")
-    return args
+    p.add_argument("--out", default="bench/results/gpu/prefill", help="path stem of the .md/.json/.csv")
+    p.add_argument("--seqlens", type=int, nargs="+", default=[4096, 8192, 16384])
+    p.add_argument("--tokens", type=int, default=16384, help="B x S")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--layout", choices=["vlm", "random"], default="vlm")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3, help="calls per method before timing (compile, autotune)")
+    p.add_argument("--budget", type=float, default=360.0, help="seconds; past it only the avar methods and "
+                   "sdpa_flash are measured")
+    p.add_argument("--device", default="cuda")
+    return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    dry = args.dry_run
-    if not dry and not torch.cuda.is_available():
-        print("no CUDA device: use --dry-run to check the script without a GPU", file=sys.stderr)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("no CUDA device (use --device cpu to check the script)", file=sys.stderr)
         return 2
-    gpu = "dry-run (no GPU)" if dry else torch.cuda.get_device_name()
-    print(f"GPU: {gpu}")
-    t0 = time.time()
-    rows = []
-    for d, h, s, causal in plan(args):
-        b = max(1, TOKENS // s)
-        inputs = None
-        elapsed = time.time() - t0
-        if elapsed > 1.4 * args.budget:
-            print(f"time budget exhausted ({elapsed:.0f}s): stopping")
-            break
-        for method in args.methods:
-            row = {"gpu": gpu, "D": d, "H": h, "B": b, "S": s, "causal": causal, "method": method, "status": "ok"}
-            rows.append(row)
-            over = time.time() - t0 > args.budget
-            if over and method not in ESSENTIAL:
-                row["status"] = "skipped"
-                continue
-            if method.startswith("flex") and s not in args.flex_seqlens:
-                row["status"] = "skipped"
-                continue
-            if method == "eager" and s > args.eager_max_s:
-                row["status"] = "too big"
-                continue
-            if dry:
-                if method == "sdpa_cudnn" and s == 1024:
-                    row["status"] = "n/a"  # exercises the failure path
-                    continue
-                ff = flops_fwd(b, h, s, d, causal)
-                row.update(fwd_ms=ff / 400e12 * 1e3, bwd_ms=2.5 * ff / 300e12 * 1e3, fwdbwd_ms=3.5 * ff / 320e12 * 1e3,
-                           peak_mib=100.0)
-                continue
-            ts = time.time()
-            try:
-                if inputs is None:
-                    inputs = make_inputs(b, s, h, d, "cuda", torch.bfloat16)
-                run, leaves = build(method, *inputs, causal)
-                row.update(measure(run, leaves, args.warmup, args.rep))
-                print(f"D={d} H={h} S={s} causal={causal} {method}: fwd {row['fwd_ms']:.3f} ms, "
-                      f"bwd {row['bwd_ms']:.3f} ms, fwd+bwd {row['fwdbwd_ms']:.3f} ms, "
-                      f"peak {row['peak_mib']:.0f} MiB ({time.time() - ts:.1f}s)", flush=True)
-            except Exception as e:  # a baseline that fails is reported, never fatal
-                row["status"] = "n/a"
-                msg = str(e).strip().splitlines()
-                print(f"D={d} H={h} S={s} causal={causal} {method}: FAILED {type(e).__name__}: "
-                      f"{msg[0][:300] if msg else ''}", flush=True)
-                if os.environ.get("BENCH_TRACEBACK"):
-                    traceback.print_exc()
-            finally:
-                run = leaves = None
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-    add_derived(rows)
-    write_tables(rows, args.out, gpu, args)
-    print(f"total {time.time() - t0:.0f}s")
+    notes = [f"bf16, H={args.heads}, D={args.head_dim}, causal, B x S = {args.tokens} tokens, C={NUM_CLASSES} "
+             f"classes in the `{args.layout}` layout for the mass methods. TFLOP/s from the nominal attention FLOPs "
+             "of width D (forward+backward = 3.5x forward); `x flash` = speed relative to sdpa_flash from the same "
+             f"interleaved repetitions (> 1: faster); medians of {args.reps} repetitions after {args.warmup} "
+             "warm-up calls (CUDA events). Forward under torch.no_grad; forward+backward through autograd with "
+             "random output gradients (out and masses). `peak MiB` = torch.cuda.max_memory_allocated of one "
+             "forward+backward beyond the inputs. "
+             f"AVAR_TRITON_AUTOTUNE={os.environ.get('AVAR_TRITON_AUTOTUNE', 'default')}."]
+    columns = ["S", "B", "method", "layout", "fwd ms", "fwd TFLOP/s", "fwd x flash", "fwd+bwd ms", "fwd+bwd TFLOP/s",
+               "fwd+bwd x flash", "peak MiB", "error"]
+    report = bm.Report("Prefill: ak.attention (Triton) against stock attention", columns, device=args.device,
+                       notes=notes, path=args.out, digits={"fwd x flash": 2, "fwd+bwd x flash": 2, "peak MiB": 0})
+    t_start = time.time()
+    for s in args.seqlens:
+        measure_shape(args, s, report, t_start)
+    report.notes.append("TFLOP/s by pass and sequence length:\n\n" + summary(report.rows, args.methods))
+    report.write()
+    print(report.markdown())
+    print(f"total {time.time() - t_start:.0f} s")
     return 0
 
 
