@@ -5,11 +5,10 @@ the float64 reference, and times the op against torch SDPA (which computes no ma
 """
 from __future__ import annotations
 
-import time
-
 import torch
 
 import avar_kernels as ak
+from avar_kernels import benchmark as bm
 from avar_kernels.types import CLASS_NAMES
 
 from . import args as A
@@ -19,16 +18,6 @@ def vlm_prompt_classes(system: int, image: int, user: int, response: int) -> tor
     """Class ids of a chat prompt laid out as [system | image | user text | response]."""
     parts = [(ak.SYSTEM, system), (ak.IMAGE, image), (ak.USER, user), (ak.RESPONSE, response)]
     return torch.cat([torch.full((n,), c, dtype=torch.long) for c, n in parts])
-
-
-def _time(fn, repeats):
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def register(sub):
@@ -47,7 +36,8 @@ def register(sub):
     p.add_argument("--backend", default="auto", choices=["auto", "cpu", "triton", "reference"])
     p.add_argument("--vaf", type=A.finite_float, default=0.0,
                    help="boost image keys by MUL=+x for user/response rows (default 0: off)")
-    p.add_argument("--repeats", type=A.positive_int, default=3, help="timing repeats, best of (default 3)")
+    p.add_argument("--repeats", type=A.positive_int, default=3,
+                   help="interleaved timing repetitions; the ratio is their median (default 3)")
     p.add_argument("--seed", type=A.integer, default=0)
     p.set_defaults(run=run, parser=p)
     return p
@@ -102,9 +92,11 @@ def run(args):
           f"lse {(sub.lse.double() - ref.lse).abs().max():.2e}")
 
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    t_sdpa = _time(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True,
-                                                                            enable_gqa=True), args.repeats)
-    t_avar = _time(lambda: run(args.backend), args.repeats)
-    print(f"forward time: SDPA (no masses) {t_sdpa * 1e3:.1f} ms, avar (out + masses) {t_avar * 1e3:.1f} ms, "
-          f"ratio {t_avar / t_sdpa:.2f}x")
+    timing = bm.compare({
+        "sdpa": lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True),
+        "avar": lambda: run(args.backend),
+    }, baseline="sdpa", device=args.device, reps=args.repeats, warmup=1)
+    t_sdpa, t_avar = timing["sdpa"], timing["avar"]
+    print(f"forward time (median of {args.repeats} interleaved repetitions): SDPA (no masses) "
+          f"{t_sdpa.median * 1e3:.1f} ms, avar (out + masses) {t_avar.median * 1e3:.1f} ms, ratio {t_avar.ratio:.2f}x")
     return 0
