@@ -10,9 +10,10 @@ import argparse
 import os
 import sys
 
+from . import eval as eval_cmd
 from . import op, vas
 
-SUBCOMMANDS = [op, vas]
+SUBCOMMANDS = [op, vas, eval_cmd]
 
 
 def build_parser():
