@@ -14,6 +14,7 @@
     t.seconds
 
     mem = bm.peak_memory(step, "cpu")  # PeakMemory(bytes, method): peak beyond what was held before the call
+    bm.memory_in_use("cpu")            # bytes held now (CUDA tensors, or the resident set on the CPU)
 
     report = bm.Report("Decode bandwidth", columns=["Sk", "ms", "GB/s"], device="cuda", path="out/decode")
     report.add({"Sk": 4096, "ms": 0.21, "GB/s": 2500.0})   # each add rewrites out/decode.{md,json,csv}
@@ -61,8 +62,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["Timing", "PeakMemory", "Report", "compare", "timer", "sync", "peak_memory", "environment",
-           "attention_flops", "copy_bandwidth", "fmt"]
+__all__ = ["Timing", "PeakMemory", "Report", "compare", "timer", "sync", "peak_memory", "memory_in_use",
+           "environment", "attention_flops", "copy_bandwidth", "fmt"]
 
 
 def _device(device) -> torch.device:
@@ -190,6 +191,14 @@ def _reset_hwm() -> bool:
         return True
     except OSError:
         return False
+
+
+def memory_in_use(device="cpu") -> int:
+    """Bytes held now: CUDA tensors (torch.cuda.memory_allocated) or the process's resident set (VmRSS)."""
+    dev = _device(device)
+    if dev.type == "cuda":
+        return torch.cuda.memory_allocated(dev)
+    return _status_bytes("VmRSS")
 
 
 def peak_memory(fn: Callable[[], object], device="cpu") -> PeakMemory:

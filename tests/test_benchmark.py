@@ -67,6 +67,10 @@ def test_peak_memory_counts_what_the_call_allocates():
 
     big = bm.peak_memory(alloc)
     assert 56 * 2**20 <= big.bytes <= 160 * 2**20, (big.bytes, big.method)
+    held = bm.memory_in_use()
+    keep = torch.ones(32 * 2**20 // 4)
+    assert bm.memory_in_use() - held >= 28 * 2**20
+    del keep
     small = bm.peak_memory(lambda: None)
     assert small.bytes < 16 * 2**20, (small.bytes, small.method)
     assert big.method
