@@ -1,41 +1,101 @@
 #!/usr/bin/env bash
-# The GPU run (H100/H200, torch 2.11 + triton 3.6, no network), about 8 minutes:
-# build the extensions, run the GPU tests, then the Triton, decode and model benchmarks.
-# Results (markdown + CSV naming the GPU) go to $OUT (the device tool's folder) or bench/results/gpu/.
-#   device run:  bash bench/gpu_check.sh
+# The GPU run (H100/H200, torch 2.11 + triton 3.6, no network), in stages that each fit one device command
+# (<= 600 s), most valuable first. Every stage has its own timeout and writes its results as it goes, so a run cut
+# off midway still returns the figures of the stages (and rows) it finished.
+#
+#   bash bench/gpu_check.sh build smoke prefill     # one device command, about 6-8 min on a fresh machine
+#   bash bench/gpu_check.sh tests                   # then, on the same warm machine
+#   bash bench/gpu_check.sh decode model
+#   bash bench/gpu_check.sh all                     # every stage in order (longer than one device command)
+#
+# Stages (timeout):
+#   build    python setup.py build_ext --inplace: C++ CPU kernels + CUDA decode kernels for AVAR_CUDA_ARCHS (400 s)
+#   smoke    bench/gpu_smoke.py: prefill fwd/bwd and decode against the float64 reference, the split plan (240 s)
+#   prefill  bench/bench_triton_gpu.py: ak.attention TFLOP/s vs SDPA-flash, cuDNN, Flex at S = 4k, 8k, 16k (480 s)
+#   tests    pytest -m gpu over 8 xdist workers when pytest-xdist is there (540 s)
+#   decode   bench/bench_decode_gpu.py: bandwidth against the measured copy bandwidth, against SDPA decode (240 s)
+#   model    bench/bench_hf.py --device cuda: memory and time of a mass loss through 2 Qwen2.5-VL-7B layers (420 s)
+# A stage after `build` builds first when avar_kernels._cuda is missing (a fresh machine).
+#
+# Results: bench/results/gpu/<stage>.{md,json,csv} (+ build.log, tests.log, gpu_check.log). With $OUT set (the device
+# tool's folder) the log is copied there and the results are packed into $OUT/gpu_results.tar.gz after every stage
+# (the tool returns at most 8 files). Each stage prints its table at its end (the tool returns the output's tail).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results/gpu}"
-mkdir -p "$OUT"
-export MAX_JOBS="${MAX_JOBS:-16}" AVAR_CUDA_ARCHS="${AVAR_CUDA_ARCHS:-90a}"
+RESULTS=bench/results/gpu
+mkdir -p "$RESULTS"
+export MAX_JOBS="${MAX_JOBS:-16}" AVAR_CUDA_ARCHS="${AVAR_CUDA_ARCHS:-90a}" PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
-LOG="$OUT/gpu_check.log"
-: > "$LOG"
-step() { echo "== $1 ($(date +%T))" | tee -a "$LOG"; }
+LOG="$RESULTS/gpu_check.log"
+STATUS=0
 
-step "GPU"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
-"$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$LOG"
+say() { echo "== $* ($(date +%T))" | tee -a "$LOG"; }
+pack() {
+    if [[ -n "${OUT:-}" ]]; then
+        cp "$LOG" "$OUT/gpu_check.log"
+        tar -czf "$OUT/gpu_results.tar.gz" -C "$(dirname "$RESULTS")" "$(basename "$RESULTS")"
+    fi
+}
+# run_stage NAME SECONDS CMD...: runs CMD under a timeout, appends its output to the log and the terminal.
+run_stage() {
+    local name=$1 limit=$2
+    shift 2
+    say "$name (timeout ${limit} s): $*"
+    local t0=$SECONDS
+    timeout --signal=TERM --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    [[ $rc -eq 124 ]] && echo "$name: TIMED OUT after ${limit} s (rows written so far are kept)" | tee -a "$LOG"
+    [[ $rc -ne 0 ]] && STATUS=1
+    say "$name: exit $rc after $((SECONDS - t0)) s"
+    pack
+    return 0
+}
 
-step "build (C++ CPU kernels + CUDA decode kernels, sm_${AVAR_CUDA_ARCHS})"
-if ! timeout 300 "$PY" setup.py build_ext --inplace >> "$LOG" 2>&1; then
-    echo "BUILD FAILED (see $LOG)"; tail -30 "$LOG"
-fi
-"$PY" -c "import avar_kernels.cpu as c, avar_kernels.kvcache as k; print('cpu ext', c.is_available())" | tee -a "$LOG"
+stage_build() {
+    say "GPU"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv,noheader 2>&1 | tee -a "$LOG"
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
+        2>&1 | tee -a "$LOG"
+    run_stage build 400 bash -c "'$PY' setup.py build_ext --inplace > '$RESULTS/build.log' 2>&1; rc=\$?; \
+        grep -E 'error|warning: .*(spill|stack)' '$RESULTS/build.log' | head -40; tail -3 '$RESULTS/build.log'; exit \$rc"
+    "$PY" -c "import avar_kernels._C, avar_kernels._cuda; print('built: avar_kernels._C and avar_kernels._cuda')" \
+        2>&1 | tee -a "$LOG"
+}
+ensure_built() {
+    "$PY" -c "import avar_kernels._C, avar_kernels._cuda" >/dev/null 2>&1 || stage_build
+}
+stage_smoke() { ensure_built; run_stage smoke 240 "$PY" bench/gpu_smoke.py --out "$RESULTS/smoke"; }
+stage_prefill() {
+    ensure_built
+    run_stage prefill 480 "$PY" bench/bench_triton_gpu.py --out "$RESULTS/prefill" --budget 300
+}
+stage_tests() {
+    ensure_built
+    local xdist=""
+    "$PY" -c "import xdist" >/dev/null 2>&1 && xdist="-n 8"
+    run_stage tests 540 bash -c "'$PY' -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=30 $xdist \
+        > '$RESULTS/tests.log' 2>&1; rc=\$?; grep -E '^(FAILED|ERROR)' '$RESULTS/tests.log' | head -40; \
+        tail -3 '$RESULTS/tests.log'; exit \$rc"
+}
+stage_decode() { ensure_built; run_stage decode 240 "$PY" bench/bench_decode_gpu.py --out "$RESULTS/decode"; }
+stage_model() {
+    ensure_built
+    run_stage model 420 "$PY" bench/bench_hf.py --device cuda --seq 1024 2048 4096 --timeout 130 \
+        --out "$RESULTS/hf_cuda"
+}
 
-step "GPU tests"
-# Triton compiles dominate this step: spread the tests over processes when pytest-xdist is there.
-XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-timeout 240 "$PY" -m pytest -q -m gpu tests -p no:cacheprovider --maxfail=10 $XDIST 2>&1 | tail -25 | tee -a "$LOG"
-
-step "Triton benchmark"
-timeout 240 "$PY" bench/bench_triton_gpu.py --out "$OUT/triton_gpu.md" --budget 200 2>&1 | tail -5 | tee -a "$LOG"
-
-step "decode benchmark"
-timeout 90 "$PY" bench/bench_decode_gpu.py --out-md "$OUT/decode_gpu.md" --out-csv "$OUT/decode_gpu.csv" 2>&1 | tail -5 | tee -a "$LOG"
-
-step "model benchmark"
-timeout 120 "$PY" bench/bench_hf.py --device cuda --out "$OUT/hf_cuda.md" 2>&1 | tail -5 | tee -a "$LOG"
-
-step "done"
-for f in "$OUT"/*.md; do echo "### $f"; cat "$f"; done
+STAGES=("$@")
+[[ ${#STAGES[@]} -eq 0 ]] && STAGES=(all)
+[[ "${STAGES[*]}" == "all" ]] && STAGES=(build smoke prefill tests decode model)
+for s in "${STAGES[@]}"; do
+    case "$s" in
+        build|smoke|prefill|tests|decode|model) ;;
+        *) echo "gpu_check: unknown stage '$s' (build smoke prefill tests decode model all)"; exit 2 ;;
+    esac
+done
+for s in "${STAGES[@]}"; do
+    "stage_$s"
+done
+say "done: ${STAGES[*]} (status $STATUS)"
+pack
+exit $STATUS
