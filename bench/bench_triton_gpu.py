@@ -67,6 +67,8 @@ _FLEX = {}
 def _compiled_flex():
     if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
+        # one compile per (shape, score_mod, backward): more than dynamo's default of 8 in a full run
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     return _FLEX["fn"]
 
