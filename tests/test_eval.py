@@ -251,14 +251,14 @@ def test_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert not (tmp_path / "out" / "results.json").exists()
 
 
-def test_answer_check():
-    assert E.local_score_answer("<think> the red shapes ... </think> <answer> 2 </answer>", "2") == ("2", True)
-    assert E.local_score_answer("<answer>3</answer>", "2") == ("3", False)
-    assert E.local_score_answer("", "2") == ("", False)
-    assert E.local_score_answer("<answer> 0.50 </answer>", "1/2")[1]
-    assert E.local_score_answer("<answer>(B)</answer>", "B.")[1]
-    assert E.local_score_answer("<answer> Red </answer>", "red")[1]
-    assert not E.local_score_answer("<answer> red </answer>", "green")[1]
+def test_answer_check_is_the_accuracy_reward():
+    assert E.score_answer("<think> the red shapes ... </think> <answer> 2 </answer>", "2") == ("2", True)
+    assert E.score_answer("<answer>3</answer>", "2") == ("3", False)
+    assert E.score_answer("", "2") == ("", False)
+    assert E.score_answer("<answer> \\frac{1}{2} </answer>", "0.5")[1]
+    assert E.score_answer("<answer>(B)</answer>", "B")[1]
+    assert E.score_answer("<answer> Red </answer>", "red")[1]
+    assert not E.score_answer("<answer> red </answer>", "green")[1]
 
 
 def test_conditions():

@@ -47,51 +47,14 @@ CONDITION_KINDS = ("none", "vaf", "pai")
 
 # ------------------------------------------------------------------------------------------------ answers
 
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
-CHOICE = re.compile(r"^\(?([a-z])\)?[.:]?$")
+def score_answer(completion: str, reference: str):
+    """``(prediction, correct)`` by the trainer's accuracy reward (:mod:`avar_kernels.train.rewards`): the last
+    ``<answer>`` tag's content (else the text without its ``<think>`` part) matched against the reference as
+    numbers with a tolerance, fractions, simple LaTeX, choice letters or text. An empty prediction is wrong."""
+    from avar_kernels.train import rewards
 
-
-def extract_answer(text: str) -> str:
-    """The content of the last ``<answer>...</answer>`` of ``text``, else the whole text (stripped)."""
-    found = ANSWER_TAG.findall(text)
-    return (found[-1] if found else text).strip()
-
-
-def _normalize(s: str) -> str:
-    s = " ".join(s.strip().lower().split())
-    s = s.strip("$ ").rstrip(".").strip()
-    return s
-
-
-def _number(s: str):
-    s = s.replace(",", "").replace(" ", "")
-    try:
-        if "/" in s:
-            a, b = s.split("/", 1)
-            return float(a) / float(b)
-        return float(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def local_score_answer(completion: str, reference: str):
-    """``(prediction, correct)``: the evaluator's own answer check, used until the trainer's accuracy reward
-    (issue 9) is in ``avar_kernels.train``. The prediction is the last ``<answer>`` tag's content (or the whole
-    completion); it matches the reference's (own tag or text) when equal after case / space / ``$`` / final-period
-    normalisation, as numbers (incl. ``a/b``) within 1e-4 relative, or as the same choice letter (``(B)``, ``B.``)."""
-    pred, ref = _normalize(extract_answer(completion)), _normalize(extract_answer(reference))
-    if not pred:
-        return "", False
-    if pred == ref:
-        return pred, True
-    p, r = _number(pred), _number(ref)
-    if p is not None and r is not None:
-        return pred, math.isclose(p, r, rel_tol=1e-4, abs_tol=1e-9)
-    cp, cr = CHOICE.match(pred), CHOICE.match(ref)
-    return pred, bool(cp and cr and cp.group(1) == cr.group(1))
-
-
-score_answer = local_score_answer
+    pred = rewards.extract_answer(completion)
+    return pred, bool(pred) and rewards.answers_match(pred, reference)
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -147,6 +110,7 @@ def load_dataset(path=None, *, limit=None, embedded_samples=48, seed=1, image_di
     drawn with ``seed``. ``limit`` keeps the first samples. No usable sample is an error.
     """
     from avar_kernels.train import data as D
+    from avar_kernels.train import rewards
 
     if path is None:
         from avar_kernels.train import embedded
@@ -171,8 +135,8 @@ def load_dataset(path=None, *, limit=None, embedded_samples=48, seed=1, image_di
         for r in recs:
             if layout == "conversations":
                 last = max(i for i, m in enumerate(r.messages) if m["role"] == "assistant")
-                samples.append(Sample(r.line, r.messages[:last], r.images, extract_answer(r.messages[last]["content"]),
-                                      r.line, r.base_dir))
+                reference = rewards.extract_answer(r.messages[last]["content"])
+                samples.append(Sample(r.line, r.messages[:last], r.images, reference, r.line, r.base_dir))
             else:
                 samples.append(Sample(r.line, [{"role": "user", "content": r.problem}], r.images, r.answer, r.line,
                                       r.base_dir))
@@ -710,7 +674,7 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
         "max_new_tokens": cfg.max_new_tokens, "dtype": str(dt).removeprefix("torch."),
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "conditions", "out", "progress")},
         "seeds": {"data_seed": cfg.data_seed, "model_init_seed": cfg.seed, "torch_seed": cfg.seed},
-        "answer_check": f"{score_answer.__module__}.{score_answer.__name__}",
+        "answer_check": "avar_kernels.train.rewards.answers_match (the GRPO accuracy reward)",
         "processes": procs.world, "environment": bm.environment(device),
     }
     if procs.main:
