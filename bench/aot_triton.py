@@ -3,10 +3,11 @@ launch config: registers, spill bytes, shared memory against the architecture's 
 wgmma products, wgmma waits, barriers and async-proxy fences.
 
 The kernels are compiled from the bound arguments of real launches: the backend's forward and backward run on
-CPU tensors with the autotuner replaced by a recorder, so each kernel sees exactly the keyword arguments,
-feature flags and config list (AVAR_TRITON_AUTOTUNE=full: every listed config) that a GPU launch would.
-It is the static proxy between GPU runs: it predicts occupancy limits, spills and launch failures
-(OutOfResources), not timings.
+CPU tensors with the autotuner replaced by a recorder, so each kernel sees exactly the keyword arguments and
+feature flags that a GPU launch would, for every candidate config of its list (avar_kernels/triton/configs.py).
+The table also gives the backend's shared-memory estimate of each config and whether the backend keeps it on
+that architecture (estimate <= limit); an estimate below the compiled kernel's need is flagged. It is the static
+proxy between GPU runs: it predicts occupancy limits, spills and launch failures (OutOfResources), not timings.
 
     python bench/aot_triton.py                                # everything, both architectures
     python bench/aot_triton.py --arch 90 --dims 128 --kernels fwd --out /tmp/fwd.md
@@ -24,7 +25,6 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 os.environ.pop("TRITON_INTERPRET", None)
-os.environ["AVAR_TRITON_AUTOTUNE"] = "full"
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the runtime's default, stated to silence its warning
 
 import torch  # noqa: E402
@@ -35,10 +35,10 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from avar_kernels.triton import bwd as triton_bwd  # noqa: E402
+from avar_kernels.triton import configs as triton_configs  # noqa: E402
 from avar_kernels.triton import fwd as triton_fwd  # noqa: E402
 
-# Opt-in shared memory per block (cudaDevAttrMaxSharedMemoryPerBlockOptin): H100/H200, A100.
-SMEM_LIMIT = {90: 232_448, 80: 166_912}
+SMEM_LIMIT = triton_configs.SMEM_LIMIT
 KERNEL_NAMES = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
 VARIANTS = ("plain", "masses", "masses+table")
 # The measured shape of the GPU benchmark: bf16, 16 heads, causal; a short sequence (lengths do not change code).
@@ -46,20 +46,20 @@ HEADS, TOKENS, NUM_CLASSES = 16, 256, 5
 
 
 class _Recorder:
-    """Stands in for the autotuned kernel: keeps the config list and the keyword arguments of each launch."""
+    """Stands in for the autotuned kernel: keeps the keyword arguments of each launch."""
 
-    def __init__(self, kernel, configs, launches):
-        self.kernel, self.configs, self.launches = kernel, configs, launches
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
-        return lambda **kwargs: self.launches.append((self.kernel, self.configs, kwargs))
+        return lambda **kwargs: self.launches.append((self.kernel, kwargs))
 
 
 def record_launches(dim, variant, dtype=torch.bfloat16):
-    """[(kernel, configs, kwargs)] of one forward and one backward of the backend (CPU tensors, nothing runs)."""
+    """[(kernel, kwargs)] of one forward and one backward of the backend (CPU tensors, nothing runs)."""
     launches = []
     real_autotune = triton.autotune
-    triton.autotune = lambda configs, **_: (lambda kernel: _Recorder(kernel, configs, launches))
+    triton.autotune = lambda configs, **_: (lambda kernel: _Recorder(kernel, launches))
     triton_fwd._fwd_tuned.clear()
     triton_bwd._tuned.clear()
     try:
@@ -87,15 +87,15 @@ _PTX_COUNTS = [("wgmma", r"wgmma\.mma_async"), ("mma", r"\bmma\.sync"), ("wgmma_
 
 
 def compile_one(job):
-    """Compile one (kernel, config, kwargs) for one architecture; returns a row of figures."""
-    kernel, config, kwargs, arch = job
+    """Compile one (kernel, config row, kwargs) for one architecture; returns a row of figures."""
+    kernel, (block_m, block_n, num_warps, num_stages), kwargs, arch = job
     jit = kernel.fn
-    args = {**kwargs, **config.kwargs}
+    args = {**kwargs, "BLOCK_M": block_m, "BLOCK_N": block_n}
     for name, rule in kernel.values.items():  # the kernel's @triton.heuristics feature flags
         args[name] = rule(args)
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages)
+    options = dict(num_warps=num_warps, num_stages=num_stages)
     binder = create_function_from_signature(jit.signature, jit.params, backend)
     bound, specialization, _ = binder(**args)
     _, signature, constexprs, attrs = jit._pack_args(backend, {**args, **options}, bound, specialization, options)
@@ -124,21 +124,24 @@ def collect(archs, dims, kernels, variants, jobs):
     work, keys = [], []
     for dim in dims:
         for variant in variants:
-            for kernel, configs, kwargs in record_launches(dim, variant):
+            for kernel, kwargs in record_launches(dim, variant):
                 name = KERNEL_NAMES[kernel.fn.__name__]
                 if name not in kernels:
                     continue
-                for config in configs:
+                shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
+                         any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
+                for cfg in triton_configs.candidate_rows(name, *shape):
                     for arch in archs:
-                        cfg = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps,
-                               config.num_stages)
-                        keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg))
-                        work.append((kernel, config, kwargs, arch))
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            rows = list(pool.map(compile_one, work))
-    else:
-        rows = [compile_one(job) for job in work]
+                        est = triton_configs.smem_estimate(name, cfg, shape[0], kwargs["Q"].element_size(),
+                                                           *shape[2:], arch)
+                        keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg, est=est))
+                        work.append((kernel, cfg, kwargs, arch))
+    print(f"{len(work)} compiles", file=sys.stderr)
+    rows = []
+    with ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
+        for i, row in enumerate(pool.map(compile_one, work) if pool else map(compile_one, work)):
+            rows.append(row)
+            print(f"[{i + 1}/{len(work)}] {keys[i]} {row}", file=sys.stderr, flush=True)
     return [{**key, **row} for key, row in zip(keys, rows)]
 
 
@@ -146,24 +149,28 @@ def markdown(rows, title):
     lines = [f"# {title}", "",
              f"triton {triton.__version__}, bf16, {HEADS} heads, causal, C = {NUM_CLASSES} classes with masses, "
              "MUL table for 'masses+table'. Spill: bytes stored / loaded. Shared memory against the opt-in limit "
-             f"per block ({', '.join(f'sm_{a}: {v:,} B' for a, v in SMEM_LIMIT.items())}). PTX counts: wgmma.mma_async "
-             "(mma.sync on sm_80), wgmma.wait_group, bar.sync, fence.proxy.async; 'ser.': ptxas serialized wgmma.", ""]
+             f"per block ({', '.join(f'sm_{a}: {v:,} B' for a, v in SMEM_LIMIT.items())}); 'est.': the backend's "
+             "estimate, 'kept': estimate within the limit (UNDER: estimate below the need). PTX counts: "
+             "wgmma.mma_async (mma.sync on sm_80), wgmma.wait_group, bar.sync, fence.proxy.async; 'ser.': ptxas "
+             "serialized wgmma.", ""]
     for arch in sorted({r["arch"] for r in rows}, reverse=True):
         lines += [f"## sm_{arch}{'a' if arch >= 90 else ''}", "",
-                  "| kernel | D | variant | BM x BN, warps, stages | regs | spill st/ld | smem B | smem % | "
-                  f"{'wgmma' if arch >= 90 else 'mma'} | waits | bar.sync | fences | ser. |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| kernel | D | variant | BM x BN, warps, stages | regs | spill st/ld | smem B | smem % | est. B | "
+                  f"kept | {'wgmma' if arch >= 90 else 'mma'} | waits | bar.sync | fences | ser. |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in (r for r in rows if r["arch"] == arch):
             cfg = "{} x {}, {}w, {}s".format(*r["config"])
             head = f"| {r['kernel']} | {r['dim']} | {r['variant']} | {cfg} |"
             if "error" in r:
-                lines.append(f"{head} {r['error']} |||||||||")
+                lines.append(f"{head} {r['error']} |||||||||||")
                 continue
             pct = 100 * r["smem"] / SMEM_LIMIT[arch]
             mma = r["wgmma"] if arch >= 90 else r["mma"]
+            kept = "yes" if r["est"] <= SMEM_LIMIT[arch] else "no"
+            under = " UNDER" if r["est"] < r["smem"] else ""
             lines.append(f"{head} {r['regs']} | {r['spill_st']}/{r['spill_ld']} | {r['smem']:,} | "
-                         f"{pct:.0f}%{' OVER' if pct > 100 else ''} | {mma} | {r['wgmma_wait']} | {r['bar_sync']} | "
-                         f"{r['fence']} | {'yes' if r['serialized'] else ''} |")
+                         f"{pct:.0f}%{' OVER' if pct > 100 else ''} | {r['est']:,}{under} | {kept} | {mma} | "
+                         f"{r['wgmma_wait']} | {r['bar_sync']} | {r['fence']} | {'yes' if r['serialized'] else ''} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -24,6 +24,7 @@ from helpers import fa_close  # noqa: E402
 
 import avar_kernels.triton as T  # noqa: E402
 from avar_kernels import reference as R  # noqa: E402
+from avar_kernels.triton import configs as TC  # noqa: E402
 from avar_kernels.triton import fwd as TF  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -219,6 +220,23 @@ def test_zero_reweight_equals_plain():
     b = T.forward(q, k, v, *meta[:7], z, z, z, 32 ** -0.5, -1, 0)
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("arch", sorted(TC.SMEM_LIMIT))
+def test_configs_fit_shared_memory(arch):
+    """Every kept launch config fits the architecture's shared memory by the estimate; the D=128 forward with masses
+    starts with the config measured fastest (128 x 64, 8 warps, 3 stages), and on sm_90 drops 128 x 128 (234,496 B
+    compiled, over the limit)."""
+    limit = TC.SMEM_LIMIT[arch]
+    for kernel in ("fwd", "dq", "dkdv"):
+        for block_d in (64, 128, 256):
+            for has_classes, has_rw in ((False, False), (True, False), (True, True)):
+                for row in TC.kept_rows(kernel, block_d, "tf32", has_classes, has_rw, 2, arch, limit):
+                    need = TC.smem_estimate(kernel, row, block_d, 2, has_classes, has_rw, arch)
+                    assert need <= limit, (kernel, block_d, has_classes, has_rw, row, need)
+    kept = TC.kept_rows("fwd", 128, "tf32", True, False, 2, arch, limit)
+    assert kept[0] == (128, 64, 8, 3)
+    assert (128, 128, 8, 3) not in kept
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from . import fwd as _fwd_mod
+from .configs import dim_bucket, launch_configs, tune_count
 from .fwd import (
     CLASS_TILE,
     FEATURE_FLAGS,
@@ -31,11 +32,8 @@ from .fwd import (
     _phase,
     _row_ranges,
     _scores,
-    cfgs,
-    dim_bucket,
     dot_precision,
     launch_blocks,
-    tune_count,
 )
 
 
@@ -268,42 +266,20 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-def dkdv_config_rows(dim, prec):
-    """(BLOCK_M = query rows per step, BLOCK_N = keys owned by the program, num_warps, num_stages), default first."""
-    if prec == "ieee":
-        return [(32, 64, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2)]
-    if dim <= 64:
-        return [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
-    if dim <= 128:
-        return [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
-    return [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
-
-
-def dq_config_rows(dim, prec):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of the dQ kernel, default first."""
-    if prec == "ieee":
-        return [(64, 32, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(32, 16, 4, 2), (32, 32, 4, 2)]
-    if dim <= 64:
-        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
-    if dim <= 128:
-        return [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
-    return [(64, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
-
-
 _tuned = {}
 
 
-def _get(kind, block_d, prec, has_classes, has_rw, want_tg=False):
+def _get(kind, configs, key, want_tg=False):
     if INTERPRET:
         return _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
-    key = (kind, dim_bucket(block_d), prec, has_classes, has_rw, want_tg, tune_count())
+    key = (kind, want_tg) + key
     if key not in _tuned:
-        fn, rows = (_bwd_dkdv_kernel, dkdv_config_rows) if kind == "dkdv" else (_bwd_dq_kernel, dq_config_rows)
+        fn = _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
         # The table-gradient slots a config writes depend on its BLOCK_N: the autotuner zeroes the buffer before
         # each trial and after choosing, so no trial config leaves stale slots behind.
         extra = dict(key=TUNE_KEY + ["WANT_DMUL", "WANT_DABS", "WANT_DADD"], reset_to_zero=["TG"]) if want_tg else \
             dict(key=TUNE_KEY)
-        _tuned[key] = triton.autotune(configs=cfgs(rows(dim_bucket(block_d), prec)), **extra)(fn)
+        _tuned[key] = triton.autotune(configs=configs, **extra)(fn)
     return _tuned[key]
 
 
@@ -349,22 +325,24 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec,
         DM_PREC="ieee" if prec == "ieee" else "tf32x3", **launch_blocks())
 
+    shape = (block_d, prec, has_classes, has_rw, q.element_size())
+    key = (dim_bucket(block_d),) + shape[1:] + (str(q.device), tune_count())
+    dkdv_configs = launch_configs("dkdv", *shape, q.device)
     tg, nkb = None, 1
     if want_tg and tk > 0:
         # one [3, C, C] slot per (sequence, key block, query head), sized for the smallest BLOCK_N of any config
-        min_bn = common["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in
-                                                           cfgs(dkdv_config_rows(dim_bucket(block_d), prec)))
+        min_bn = common["BLOCK_N"] if INTERPRET else min(c.kwargs["BLOCK_N"] for c in dkdv_configs)
         nkb = triton.cdiv(max_seqlen_k, min_bn)
         tg = torch.zeros(nseq, nkb, hq, 3, C, C, device=q.device, dtype=torch.float32)
 
     if tk > 0:
-        _get("dkdv", block_d, prec, has_classes, has_rw, want_tg)[
+        _get("dkdv", dkdv_configs, key, want_tg)[
             lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
             DK=dk, DV=dv, TG=tg, HQ=hq, NKB=nkb, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
             WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], **common)
     if tq > 0:
-        _get("dq", block_d, prec, has_classes, has_rw)[
+        _get("dq", launch_configs("dq", *shape, q.device), key)[
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
             DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **common)
     if table_grads is None:

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .configs import dim_bucket, launch_configs, tune_count
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Scores live in log2 units inside the kernels: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2.
 LOG2E = tl.constexpr(math.log2(math.e))
@@ -289,45 +291,17 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
-# Autotuning: AVAR_TRITON_AUTOTUNE=full tries every listed config, =0 only the first (no tuning), default the
-# first two (the compile of one config is seconds, and each key - head dim, classes, window, GQA group, dtypes -
-# is tuned once per process).
-def tune_count() -> int:
-    mode = os.environ.get("AVAR_TRITON_AUTOTUNE", "2").lower()
-    return {"full": 99, "0": 1, "off": 1, "1": 1}.get(mode, 2 if not mode.isdigit() else max(1, int(mode)))
-
-
-def cfgs(rows):
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-            for bm, bn, w, s in rows[:tune_count()]]
-
-
-def dim_bucket(block_d: int) -> int:
-    """Head dims share config lists by bucket: 64 (D <= 64), 128 or 256."""
-    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
-
-
-def fwd_config_rows(dim, prec):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, the default first."""
-    if prec == "ieee":  # fp32: CUDA-core products, small tiles (a rare path; keeps compiles short)
-        return [(64, 32, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(32, 32, 4, 2), (16, 32, 4, 2)]
-    if dim <= 64:
-        return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
-    if dim <= 128:
-        return [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
-    return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
-
-
 TUNE_KEY = ["HEAD_DIM", "C", "GROUP", "wl", "wr", "MASS_DOT", "PREC"]
 _fwd_tuned = {}
 
 
-def _get_fwd(block_d, prec, has_classes, has_rw):
+def _get_fwd(block_d, prec, has_classes, has_rw, elem, device):
     if INTERPRET:
         return _fwd_kernel
-    key = (dim_bucket(block_d), prec, has_classes, has_rw, tune_count())
+    key = (dim_bucket(block_d), prec, has_classes, has_rw, elem, str(device), tune_count())
     if key not in _fwd_tuned:
-        _fwd_tuned[key] = triton.autotune(configs=cfgs(fwd_config_rows(*key[:2])), key=TUNE_KEY)(_fwd_kernel)
+        configs = launch_configs("fwd", block_d, prec, has_classes, has_rw, elem, device)
+        _fwd_tuned[key] = triton.autotune(configs=configs, key=TUNE_KEY)(_fwd_kernel)
     return _fwd_tuned[key]
 
 
@@ -355,7 +329,8 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     block_d = max(16, triton.next_power_of_2(d))
     prec = dot_precision(q.dtype)
     has_classes = C > 0
-    kern = _get_fwd(block_d, prec, has_classes, mul is not None or abs_ is not None or add is not None)
+    has_rw = mul is not None or abs_ is not None or add is not None
+    kern = _get_fwd(block_d, prec, has_classes, has_rw, q.element_size(), q.device)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)

@@ -1,0 +1,118 @@
+"""Launch configs of the Triton kernels: candidate lists per kernel, head-dim bucket, classes and table, the
+measured best first, pruned by a shared-memory estimate for the device's architecture.
+
+A config row is (BLOCK_M, BLOCK_N, num_warps, num_stages). The estimate over-counts the buffers Triton 3.x
+allocates (checked config by config against the compiled kernels by bench/aot_triton.py), so a kept config
+launches; without pruning, the first config of a list could exceed the limit and raise OutOfResources when it is
+the only one tried (AVAR_TRITON_AUTOTUNE=0).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+
+# Opt-in shared memory per block (bytes): H100 / H200 (sm_90), A100 (sm_80).
+SMEM_LIMIT = {90: 232_448, 80: 166_912}
+# Columns of a one-hot class tile (the smallest N and K of a tensor-core product); see fwd.CLASS_TILE.
+_CLASS_COLS = 16
+
+
+def tune_count() -> int:
+    """AVAR_TRITON_AUTOTUNE=full tries every kept config, =0 only the first (no tuning), default the first two (a
+    compile is seconds, and each key - head dim, classes, window, GQA group, dtypes - is tuned once per process)."""
+    mode = os.environ.get("AVAR_TRITON_AUTOTUNE", "2").lower()
+    return {"full": 99, "0": 1, "off": 1, "1": 1}.get(mode, 2 if not mode.isdigit() else max(1, int(mode)))
+
+
+def dim_bucket(block_d: int) -> int:
+    """Head dims share config lists by bucket: 64 (D <= 64), 128 or 256."""
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool) -> list[tuple]:
+    """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'), best first."""
+    dim = dim_bucket(block_d)
+    if prec == "ieee":  # fp32: CUDA-core products, small tiles (a rare path; keeps compiles short)
+        small = dim <= 128
+        return {"fwd": [(64, 32, 4, 2), (32, 32, 4, 2)] if small else [(32, 32, 4, 2), (16, 32, 4, 2)],
+                "dq": [(64, 32, 4, 2), (32, 32, 4, 2)] if small else [(32, 16, 4, 2), (32, 32, 4, 2)],
+                "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2)] if small else [(16, 32, 4, 2), (32, 32, 4, 2)]}[kernel]
+    if kernel == "fwd":
+        if dim <= 64:
+            return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
+        if dim <= 128:
+            if has_classes:  # H200, D=128, bf16, masses: 128 x 64, 8 warps, 3 stages measured fastest
+                return [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
+            return [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
+        return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
+    if kernel == "dkdv":  # BLOCK_M = query rows per step, BLOCK_N = keys owned by the program
+        if dim <= 64:
+            return [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
+        if dim <= 128:
+            return [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
+        return [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+    if dim <= 64:
+        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+    if dim <= 128:
+        return [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+    return [(64, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+
+
+def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes: bool, has_rw: bool,
+                  arch: int) -> int:
+    """Bytes of shared memory a config needs, from above: tiles held for the whole program, `stages` buffers of
+    each pipelined load on sm_90 (wgmma), `stages - 1` before, class / table tiles, reduction scratch."""
+    bm, bn, _, stages = row
+    bufs = stages if arch >= 90 else stages - 1
+    f32 = 4
+    if kernel == "fwd":  # q held; K, V (and the key classes) pipelined
+        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm
+        if has_classes:
+            total += bufs * bn * 4 + bn * _CLASS_COLS * elem
+        if has_rw:  # the per-score table gather is pipelined like a load
+            total += bufs * bm * bn * f32
+        return total
+    if kernel == "dq":  # q, dO held; K, V pipelined; dmass and one-hot tiles in fp32 for the split products
+        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm
+        if has_classes:
+            total += 2 * bm * _CLASS_COLS * f32 + 3 * _CLASS_COLS * bn * f32 + bufs * bn * 4
+        if has_rw:
+            total += bufs * bm * bn * f32
+        return total
+    # dkdv: K, V held; q, dO, lse, delta pipelined
+    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * f32) + 8 * bn
+    if has_classes:
+        total += bn * _CLASS_COLS * f32 + bufs * bm * _CLASS_COLS * f32 + 2 * _CLASS_COLS * bm * f32
+    if has_rw:
+        total += bufs * bm * bn * f32
+    return total
+
+
+@functools.lru_cache(maxsize=None)
+def device_arch_and_limit(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.major * 10 + props.minor, props.shared_memory_per_block_optin
+
+
+def kept_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool, elem: int, arch: int,
+              limit: int) -> list[tuple]:
+    """The candidates whose estimate fits `limit` bytes on `arch` (best first); if none does, the smallest (the
+    estimate is an upper bound)."""
+    rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw)
+    need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, has_rw, arch) for r in rows}
+    return [r for r in rows if need[r] <= limit] or [min(rows, key=need.get)]
+
+
+def launch_configs(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool, elem: int,
+                   device: torch.device) -> list[triton.Config]:
+    """The configs to try on `device`: kept_rows for its architecture, at most tune_count() of them."""
+    if device.type == "cuda":
+        arch, limit = device_arch_and_limit(device.index if device.index is not None else torch.cuda.current_device())
+        rows = kept_rows(kernel, block_d, prec, has_classes, has_rw, elem, arch, limit)
+    else:  # nothing launches (the AOT report records the arguments): every candidate
+        rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw)
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in rows[:tune_count()]]
