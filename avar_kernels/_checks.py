@@ -87,6 +87,11 @@ def class_ids_checked():
         _CLASS_IDS_CHECKED.reset(token)
 
 
+def ids_trusted() -> bool:
+    """True inside :func:`class_ids_checked` (the caller checked the ids once)."""
+    return _CLASS_IDS_CHECKED.get()
+
+
 def read_class_range(cls):
     """(min, max) of the ids: the host sync that the range checks cost."""
     return int(cls.min()), int(cls.max())
@@ -196,7 +201,8 @@ def default_scale(softmax_scale, head_dim):
 
 
 def check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table):
-    """Checks shapes/dtypes/devices; returns (B, Sq, Hq, Hk, D, Sk_max, block_size or 0, seqlens list)."""
+    """Checks shapes/dtypes/devices (no values: see kvcache_stats); returns (B, Sq, Hq, Hk, D, Sk_max, block_size
+    or 0)."""
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -236,21 +242,49 @@ def check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table):
     check_int_tensor("cache_seqlens", cache_seqlens, q.device, int32_only=True)
     if cache_seqlens.dim() != 1 or cache_seqlens.shape[0] != b:
         raise ValueError(f"cache_seqlens: expected shape [B={b}], got {list(cache_seqlens.shape)}")
-    lens = cache_seqlens.tolist()
-    for i, n in enumerate(lens):
-        if n < 0 or n > sk_max:
-            raise ValueError(f"cache_seqlens: entry {i} is {n}, outside [0, Sk_max={sk_max}]")
-        if 0 < n < sq:
-            raise ValueError(f"cache_seqlens: entry {i} is {n} < Sq={sq}: the cache must hold the new rows' keys "
-                             "(or be empty, 0)")
-    if block_table is not None and b > 0:
-        need = (cache_seqlens.long() + block_size - 1) // block_size
-        used = torch.arange(block_table.shape[1], device=q.device)[None, :] < need[:, None]
-        ids = block_table[used]
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k_cache.shape[0]):
-            raise ValueError(f"block_table: block ids of the valid keys must lie in [0, num_blocks={k_cache.shape[0]}); "
-                             f"found values in [{int(ids.min())}, {int(ids.max())}]")
-    return b, sq, hq, hk, d, sk_max, block_size, lens
+    return b, sq, hq, hk, d, sk_max, block_size
+
+
+def kvcache_stats(cache_seqlens, block_table, block_size, sq, key_ids=None, query_ids=None):
+    """The values the decode checks need, read back in one host sync: min / max of ``cache_seqlens``, how many
+    entries lie in ``(0, Sq)``, the range of the block ids of the valid keys (paged), of ``key_ids`` and of
+    ``query_ids``."""
+    lens = cache_seqlens.long()
+    vals = [lens.min(), lens.max(), ((lens > 0) & (lens < sq)).sum()]
+    if block_table is not None:
+        need = (lens + block_size - 1) // block_size
+        used = torch.arange(block_table.shape[1], device=lens.device)[None, :] < need[:, None]
+        big, small = torch.iinfo(torch.int32).max, torch.iinfo(torch.int32).min
+        vals += [torch.where(used, block_table, big).min(), torch.where(used, block_table, small).max()]
+    for ids in (key_ids, query_ids):
+        if ids is not None:
+            vals += [ids.min(), ids.max()] if ids.numel() else [torch.zeros((), device=lens.device)] * 2
+    out = torch.stack([v.long() for v in vals]).tolist()
+    stats = {"min_len": out[0], "max_len": out[1], "short": out[2]}
+    rest = out[3:]
+    if block_table is not None:
+        stats["block_lo"], stats["block_hi"], rest = rest[0], rest[1], rest[2:]
+    if key_ids is not None:
+        stats["key_lo"], stats["key_hi"], rest = rest[0], rest[1], rest[2:]
+    if query_ids is not None:
+        stats["query_lo"], stats["query_hi"] = rest
+    return stats
+
+
+def check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks):
+    """Raises, naming the entry, when a cache length or a block id is out of range (``stats``: kvcache_stats)."""
+    if stats["min_len"] < 0 or stats["max_len"] > sk_max or stats["short"]:
+        for i, n in enumerate(cache_seqlens.tolist()):
+            if n < 0 or n > sk_max:
+                raise ValueError(f"cache_seqlens: entry {i} is {n}, outside [0, Sk_max={sk_max}]")
+            if 0 < n < sq:
+                raise ValueError(f"cache_seqlens: entry {i} is {n} < Sq={sq}: the cache must hold the new rows' "
+                                 "keys (or be empty, 0)")
+    if "block_lo" in stats and stats["max_len"] > 0:
+        lo, hi = stats["block_lo"], stats["block_hi"]
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table: block ids of the valid keys must lie in [0, num_blocks={num_blocks}); "
+                             f"found values in [{lo}, {hi}]")
 
 
 def check_reweight(reweight):

@@ -16,7 +16,7 @@ import torch
 from . import _checks, _ops
 from ._backends import warn_once
 from .attention import attention_varlen
-from .types import AttentionOutput
+from .types import MAX_CLASSES, AttentionOutput
 
 CUDA_HEAD_DIMS = (64, 80, 96, 128, 256)
 CUDA_MAX_SQ = 16
@@ -56,31 +56,52 @@ def _cuda_unavailable_reason() -> str:
     return "no CUDA device is available"
 
 
-def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlens, lens, b, sq, sk_max, device):
-    """Returns (key_class [B, L] int32 or None, query_class [B, Sq] int32 or None, num_classes)."""
+def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlens, block_table, block_size, b, sq,
+                     sk_max, num_blocks, device):
+    """Checks the cache lengths, block ids and classes with one host read; returns (key_class [B, L] int32 or None,
+    query_class [B, Sq] int32 or None, num_classes)."""
     if key_class is None:
         _checks.check_no_classes(query_class, reweight)
+        stats = _checks.kvcache_stats(cache_seqlens, block_table, block_size, sq)
+        _checks.check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks)
         return None, None, 0
     _checks.check_int_tensor("key_class", key_class, device)
-    longest = max(lens) if lens else 0
-    if key_class.dim() != 2 or key_class.shape[0] != b or key_class.shape[1] < longest:
+    if key_class.dim() != 2 or key_class.shape[0] != b:
+        raise ValueError(f"key_class: expected shape [B={b}, Sk_max={sk_max}], got {list(key_class.shape)}")
+    if query_class is not None:
+        _checks.check_int_tensor("query_class", query_class, device)
+        if tuple(query_class.shape) != (b, sq):
+            raise ValueError(f"query_class: expected shape [{b}, {sq}], got {list(query_class.shape)}")
+    read_classes = num_classes is None and not (reweight is not None and reweight.num_classes)
+    if read_classes and torch.compiler.is_compiling():
+        _checks.resolve_num_classes(None, None, key_class)  # raises: num_classes is required under torch.compile
+    check_range = not (torch.compiler.is_compiling() or _checks.ids_trusted())
+    key_ids = query_ids = None
+    if read_classes or check_range:
+        valid = torch.arange(key_class.shape[1], device=device)[None, :] < cache_seqlens.long()[:, None]
+        # Ids past a cache's length are unused: read them as 0 (a valid id) rather than boolean-index, which syncs.
+        key_ids = torch.where(valid, key_class, torch.zeros_like(key_class))
+        query_ids = query_class if check_range else None
+    stats = _checks.kvcache_stats(cache_seqlens, block_table, block_size, sq, key_ids, query_ids)
+    _checks.check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks)
+    if key_class.shape[1] < stats["max_len"]:
         raise ValueError(f"key_class: expected shape [B={b}, Sk_max={sk_max}] (at least the longest cache, "
-                         f"{longest}), got {list(key_class.shape)}")
-    valid = torch.arange(key_class.shape[1], device=device)[None, :] < cache_seqlens.long()[:, None]
-    # Ids past a cache's length are unused: read them as 0 (a valid id) rather than boolean-index, which syncs.
-    vals = torch.where(valid, key_class, torch.zeros_like(key_class))
-    num_classes = _checks.resolve_num_classes(num_classes, reweight, vals)
-    _checks.check_class_range("key_class", vals, num_classes, what="class ids of the valid keys")
+                         f"{stats['max_len']}), got {list(key_class.shape)}")
+    if num_classes is None and reweight is not None and reweight.num_classes:
+        num_classes = reweight.num_classes
+    if num_classes is None:
+        num_classes = min(max(stats["key_hi"] + 1, 1), MAX_CLASSES)
+    num_classes = _checks.resolve_num_classes(num_classes, None, None)
+    for name, what, lo, hi in (("key_class", "class ids of the valid keys", "key_lo", "key_hi"),
+                               ("query_class", "class ids", "query_lo", "query_hi")):
+        if lo in stats and check_range and (stats[lo] < 0 or stats[hi] >= num_classes):
+            raise ValueError(f"{name}: {what} must lie in [0, num_classes={num_classes}); found values in "
+                             f"[{stats[lo]}, {stats[hi]}]")
     if query_class is None:
         # the classes of the last Sq valid positions (the new rows); empty sequences get class 0
         pos = (cache_seqlens.long()[:, None] - sq + torch.arange(sq, device=device)[None, :]).clamp(min=0)
         query_class = key_class.long().gather(1, pos.clamp(max=max(key_class.shape[1] - 1, 0)))
         query_class = torch.where(cache_seqlens[:, None] > 0, query_class, torch.zeros_like(query_class))
-    else:
-        _checks.check_int_tensor("query_class", query_class, device)
-        if tuple(query_class.shape) != (b, sq):
-            raise ValueError(f"query_class: expected shape [{b}, {sq}], got {list(query_class.shape)}")
-        _checks.check_class_range("query_class", query_class, num_classes)
     return key_class.to(torch.int32), query_class.to(torch.int32).contiguous(), num_classes
 
 
@@ -191,21 +212,23 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
     """
     if backend not in KV_BACKENDS:
         raise ValueError(f"backend: expected one of {KV_BACKENDS}, got {backend!r}")
-    b, sq, hq, hk, d, sk_max, block_size, lens = _checks.check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
+    b, sq, hq, hk, d, sk_max, block_size = _checks.check_kvcache(q, k_cache, v_cache, cache_seqlens, block_table)
     _checks.check_reweight(reweight)
     for name, flag in (("causal", causal), ("return_mass", return_mass), ("return_lse", return_lse),
                        ("return_key_mass", return_key_mass)):
         _checks.check_flag(name, flag)
-    key_class, query_class, num_classes = _resolve_classes(key_class, query_class, num_classes, reweight,
-                                                           cache_seqlens, lens, b, sq, sk_max, q.device)
+    if b == 0:  # empty in, empty out
+        nc = num_classes or (reweight.num_classes if reweight is not None else 0) or (1 if key_class is not None else 0)
+        return AttentionOutput(q * 0, q.new_zeros(0, hq, sq, nc, dtype=torch.float32)
+                               if return_mass and key_class is not None else None,
+                               q.new_zeros(0, hq, sq, dtype=torch.float32) if return_lse else None,
+                               q.new_zeros(0, hq, sk_max, nc) if return_key_mass and key_class is not None else None)
+    key_class, query_class, num_classes = _resolve_classes(
+        key_class, query_class, num_classes, reweight, cache_seqlens, block_table, block_size, b, sq, sk_max,
+        k_cache.shape[0], q.device)
     scale = _checks.default_scale(softmax_scale, d)
     if return_key_mass and num_classes == 0:
         raise ValueError("return_key_mass: needs key_class: key masses are summed by query class")
-    if b == 0:  # empty in, empty out
-        return AttentionOutput(q * 0, q.new_zeros(0, hq, sq, num_classes, dtype=torch.float32)
-                               if return_mass and num_classes > 0 else None,
-                               q.new_zeros(0, hq, sq, dtype=torch.float32) if return_lse else None,
-                               q.new_zeros(0, hq, sk_max, num_classes) if return_key_mass else None)
     tables = (None, None, None)
     if reweight is not None and num_classes > 0:
         tables = reweight.tables(hq, num_classes, q.device)
@@ -237,7 +260,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
     else:
         if backend == "auto" and q.device.type == "cuda" and _cuda_module() is None:
             warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")
-        out, lse, mass, key_mass = _run_fallback(q, k_cache, v_cache, cache_seqlens, lens, block_table, key_class,
+        out, lse, mass, key_mass = _run_fallback(q, k_cache, v_cache, cache_seqlens, cache_seqlens.tolist(),
+                                                 block_table, key_class,
                                                  query_class, num_classes, causal, scale, reweight, backend, sk_max,
                                                  return_key_mass)
     return AttentionOutput(out, mass.contiguous() if return_mass and num_classes > 0 and mass is not None else None,
