@@ -5,8 +5,8 @@
 
 Each configuration (a JSON dict drawn from its seed) calls ``avar_kernels.attention``, ``attention_varlen`` or
 ``attention_with_kvcache`` on the ``cpu`` backend (or, for a small share of tiny shapes, ``triton`` under
-TRITON_INTERPRET=1) and compares out, mass, lse, dq, dk, dv and the gradients of learned re-weighting tables with
-the reference run in float64, under the FlashAttention rule of tests/helpers.py. Edge cases: empty inputs,
+TRITON_INTERPRET=1) and compares out, mass, lse, key_mass, dq, dk, dv and the gradients of learned re-weighting
+tables with the reference run in float64, under the FlashAttention rule of tests/helpers.py. Edge cases: empty inputs,
 NaN / inf in q, k or v (NaN must appear exactly where the reference has it), huge logits, class ids out of range
 (a ValueError naming the class tensor) and non-bool flags (a TypeError naming the flag).
 
@@ -139,7 +139,7 @@ def sample_config(seed, small=False):
                 cfg["tables"].append({"name": name, "shape": r.choice(["C", "CC", "HCC"]),
                                       "learned": cfg["grad"] and r.random() < 0.35, "zero": r.random() < 0.1})
     cfg.update(return_mass=r.random() < 0.9, return_lse=r.random() < 0.8, use_dmass=r.random() < 0.8,
-               use_dlse=r.random() < 0.7)
+               use_dlse=r.random() < 0.7, return_key_mass=c > 0 and r.random() < 0.2, use_dkey_mass=r.random() < 0.8)
     _sample_edge(r, cfg)
     # without query_class a query takes the class of a key position: where queries outnumber keys, it is required
     q_longer = (op == "padded" and cfg["sq"] > cfg["sk"]) or \
@@ -187,7 +187,7 @@ def _sample_edge(r, cfg):
         bad = [-1, 8, 100] + ([cfg["c"]] if cfg["num_classes_given"] else [])
         cfg["variant"] = {"which": which, "value": r.choice(bad)}
     elif edge == "bad_flag":
-        flags = ["causal", "return_mass", "return_lse"]
+        flags = ["causal", "return_mass", "return_lse", "return_key_mass"]
         cfg["variant"] = {"flag": r.choice(flags), "value": r.choice(["yes", 1, None])}
 
 
@@ -277,6 +277,8 @@ class Case:
         if cfg["scale_mult"] != 1.0:
             kwargs["softmax_scale"] = cfg["scale_mult"] * d ** -0.5
         kwargs["return_mass"] = cfg["return_mass"]
+        if cfg["return_key_mass"]:
+            kwargs["return_key_mass"] = True
         self.kwargs = kwargs
 
         self.tables = {}  # name -> (float32 value, learned)
@@ -304,7 +306,7 @@ class Case:
 
     def cotangent(self, name, shape):
         """The upstream gradient of an output: the same for every run of the config (seeded by config and name)."""
-        gen = torch.Generator().manual_seed(self.cfg["seed"] * 8 + ("out", "mass", "lse").index(name))
+        gen = torch.Generator().manual_seed(self.cfg["seed"] * 8 + ("out", "mass", "lse", "key_mass").index(name))
         return torch.randn(shape, generator=gen, dtype=torch.float64)
 
     def run(self, dtype, backend, overrides=None):
@@ -319,12 +321,14 @@ class Case:
         kwargs.update(return_lse=cfg["return_lse"], backend=backend)
         kwargs.update(overrides or {})
         res = self.fn(q, k, v, *self.args, **kwargs)
-        got = {"out": res.out, "mass": res.mass, "lse": res.lse}
+        got = {"out": res.out, "mass": res.mass, "lse": res.lse, "key_mass": res.key_mass}
         if not grad:
             return {n: None if t is None else t.detach().double() for n, t in got.items()}
         loss = (res.out.double() * self.cotangent("out", res.out.shape)).sum()
         if res.mass is not None and cfg["use_dmass"]:
             loss = loss + (res.mass.double() * self.cotangent("mass", res.mass.shape)).sum()
+        if res.key_mass is not None and cfg["use_dkey_mass"]:
+            loss = loss + (res.key_mass.double() * self.cotangent("key_mass", res.key_mass.shape)).sum()
         if res.lse is not None and cfg["use_dlse"]:
             lse = res.lse.double()
             loss = loss + (lse.masked_fill(lse == -math.inf, 0) * self.cotangent("lse", lse.shape)).sum()
@@ -401,7 +405,7 @@ def _check_against_reference(case):
     for name, ref in ref64.items():
         table = name.startswith("d_")
         atol = ATOL[torch.float32 if table and dtype == torch.float64 else dtype] * \
-            (1 if name in ("out", "mass", "lse") else 4)
+            (1 if name in ("out", "mass", "lse", "key_mass") else 4)
         bad = compare(name, got.get(name), ref, (ref_tables if table else ref_lowp)[name], atol)
         if bad:
             failures.append((f"{bad[0]}:{name}", bad[1]))
@@ -457,7 +461,7 @@ def run_chunk(configs, blocks, timeout):
     """Runs configs in subprocesses: a config that crashes or hangs one is recorded, the rest go to a new one."""
     results = {}
     pending = list(configs)
-    env = dict(os.environ, **BLOCK_ENV[blocks])
+    env = dict(os.environ, TRITON_INTERPRET="1", **BLOCK_ENV[blocks])
     for name in BLOCK_ENV["small"]:
         if name not in BLOCK_ENV[blocks]:
             env.pop(name, None)

@@ -5,6 +5,7 @@ The full fuzz (subprocess per chunk, both block-size settings, 10^4 configs) is 
 ``python tests/fuzz_op.py --configs 10000 --seed 0 --jobs 2``.
 """
 import pytest
+import torch
 from fuzz_op import category, run_config, sample_config
 
 NUM_CONFIGS = 80
@@ -20,6 +21,9 @@ def _still_failing(cfg):
     # normalised when |z'| is beyond the dtype's precision
     if cfg["edge"] == "huge":
         return True
+    # key masses: the cpu and triton backends do not compute them yet (a ValueError says so)
+    if cfg["return_key_mass"]:
+        return True
     # fp16 / bf16 with gradients: the CPU backend does not yet take the float32 output (out_fp32) for delta
     return cfg["backend"] == "cpu" and cfg["grad"] and cfg["dtype"] in ("float16", "bfloat16")
 
@@ -30,7 +34,8 @@ def _configs():
     while len(picked) < NUM_CONFIGS:
         cfg = sample_config(seed, small=True)
         seed += 1
-        if _still_failing(cfg) or (cfg["backend"] == "triton" and triton == MAX_TRITON):
+        # the fuzz runs Triton on CPU tensors through the interpreter, which a CUDA machine's session does not use
+        if _still_failing(cfg) or (cfg["backend"] == "triton" and (triton == MAX_TRITON or torch.cuda.is_available())):
             continue
         triton += cfg["backend"] == "triton"
         picked.append(cfg)
