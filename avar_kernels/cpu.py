@@ -42,8 +42,12 @@ def _to(t, dtype):
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right):
-    """Packed form -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq], mass [Hq, Tq, C]) (fp32; fp64 for fp64)."""
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False):
+    """Packed form -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq], mass [Hq, Tq, C]) (fp32; fp64 for fp64).
+
+    ``out_fp32=True`` returns out in float32 whatever q's dtype: for fp16 / bf16 inputs the kernel's float32
+    result without the rounding to q's dtype, so that the backward's delta = <dO, O> is formed from it.
+    """
     ext = _ext()
     cdt = _compute_dtype(q.dtype)
     tq, hq = q.shape[0], q.shape[1]
@@ -54,7 +58,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
                 int(max_seqlen_q), int(max_seqlen_k), _to(key_class, torch.int32), _to(query_class, torch.int32),
                 int(num_classes), _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
                 float(scale), int(window_left), int(window_right), out, lse, mass)
-    return out.to(q.dtype), lse, mass
+    return out.to(torch.float32 if out_fp32 else q.dtype), lse, mass
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
