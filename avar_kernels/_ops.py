@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from ._backends import backend_module, pick_backend
+from ._backends import backend_module, pick_backend, warn_once
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -161,7 +161,15 @@ def attention_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     mul = abs_ = add = None
     if reweight is not None:
         mul, abs_, add = reweight.tables(hq, num_classes, q.device)
+    requested = backend
     backend = pick_backend(backend, q.device, q.dtype)
+    if key_mass and backend != "reference" and not getattr(backend_module(backend), "KEY_MASS", False):
+        if requested != "auto":
+            raise ValueError(f"return_key_mass: the {backend!r} backend does not compute key masses yet; "
+                             "use backend='reference' (materializes the attention matrix)")
+        warn_once(f"avar_kernels: return_key_mass: the {backend!r} backend does not compute key masses yet; using "
+                  "the reference backend (materializes the attention matrix per sequence)")
+        backend = "reference"
     if q.shape[0] == 0 or k.shape[0] == 0:
         return _empty_result(q, k, v, num_classes, hq, key_mass)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
@@ -172,9 +180,6 @@ def attention_packed(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             int(num_classes), mul, abs_, add, float(scale), int(window_left), int(window_right))
     if backend == "reference":
         return backend_module("reference").forward(*args, key_mass=key_mass)
-    if key_mass and not getattr(backend_module(backend), "KEY_MASS", False):
-        raise ValueError(f"return_key_mass: the {backend!r} backend does not compute key masses yet; "
-                         "use backend='reference' (materializes the attention matrix)")
     tables = [t for t in (mul, abs_, add) if t is not None]
     out_fp32 = (q.dtype in LOW_PRECISION and torch.is_grad_enabled()
                 and any(t.requires_grad for t in [q, k, v] + tables))
