@@ -74,7 +74,8 @@ class SFTCollator:
     """Pads samples to one ``[B, S]`` batch (right padding) or, with ``packing=True``, lays them end to end in one
     row with per-sample positions. A packed row gets ``position_ids`` ``[4, 1, T]`` (text positions, then the
     model's 3-D rope positions per sample from ``rope_index``, e.g. ``model.model.get_rope_index``) and no
-    ``attention_mask``, which is how Qwen2-VL models detect packing."""
+    ``attention_mask``, which is how Qwen2-VL models detect packing; ``seq_lengths`` ``[N]`` gives the samples'
+    lengths (the attention terms are per sample)."""
 
     def __init__(self, pad_token_id, *, packing=False, rope_index=None):
         if packing and rope_index is None:
@@ -114,4 +115,24 @@ class SFTCollator:
                 pos = torch.arange(n).view(1, 1, n).expand(3, 1, n)
             rope_pos.append(pos)
         batch["position_ids"] = torch.cat([torch.cat(text_pos)[None, None], torch.cat(rope_pos, -1)], 0)
+        batch["seq_lengths"] = torch.tensor([len(s["input_ids"]) for s in samples])
         return batch
+
+
+def unpack(masses, classes, query, seq_lengths):
+    """The per-layer ``[1, H, T, C]`` masses, ``[1, T]`` classes and query rows of a packed row as a padded batch of
+    its samples (``[N, H, max_len, C]``, ``[N, max_len]``), so per-sample metrics see one sample per row."""
+    lengths = [int(n) for n in seq_lengths]
+    width = max(lengths)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+
+    def split(x, dim, fill):
+        out = []
+        for a, n in zip(starts, lengths):
+            piece = x.narrow(dim, a, n)
+            shape = list(piece.shape)
+            shape[dim] = width - n
+            out.append(torch.cat([piece, piece.new_full(shape, fill)], dim))
+        return torch.cat(out, 0)
+
+    return [split(m, 2, 0.0) for m in masses], split(classes, 1, OTHER), split(query, 1, False)
