@@ -223,7 +223,7 @@ def _fmt(x, digits=3):
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return f"{x:.{digits}f}" if abs(x) < 1e5 else f"{x:.3g}"
     return str(x)
 
 
@@ -290,6 +290,9 @@ def summary_markdown(res) -> str:
     unavailable = {n: h["unavailable"] for n, h in heat.items() if "unavailable" in h}
     if unavailable:
         lines += ["Image heatmaps not drawn: " + "; ".join(f"{n}: {why}" for n, why in unavailable.items()), ""]
+    notes = sorted({note for h in heat.values() for note in h.get("notes", [])})
+    if notes:
+        lines += ["Image heatmaps: " + " ".join(notes), ""]
     marked = []
     for name, m in res["models"].items():
         for key, samples in m["samples"].items():
