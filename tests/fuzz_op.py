@@ -139,7 +139,7 @@ def sample_config(seed, small=False):
                 cfg["tables"].append({"name": name, "shape": r.choice(["C", "CC", "HCC"]),
                                       "learned": cfg["grad"] and r.random() < 0.35, "zero": r.random() < 0.1})
     cfg.update(return_mass=r.random() < 0.9, return_lse=r.random() < 0.8, use_dmass=r.random() < 0.8,
-               use_dlse=r.random() < 0.7, return_key_mass=c > 0 and r.random() < 0.2, use_dkey_mass=r.random() < 0.8)
+               use_dlse=r.random() < 0.7, return_key_mass=c > 0 and r.random() < 0.1, use_dkey_mass=r.random() < 0.8)
     _sample_edge(r, cfg)
     # without query_class a query takes the class of a key position: where queries outnumber keys, it is required
     q_longer = (op == "padded" and cfg["sq"] > cfg["sk"]) or \
