@@ -11,9 +11,9 @@ import os
 import sys
 
 from . import eval as eval_cmd
-from . import op, vas
+from . import op, run, synth, train, vas
 
-SUBCOMMANDS = [op, vas, eval_cmd]
+SUBCOMMANDS = [op, vas, eval_cmd, train, synth, run]
 
 
 def build_parser():

@@ -223,9 +223,7 @@ def run_sft(cfg: dict) -> dict:
     resume = _resume_arg(training_args)
     model, processor, is_embedded = load_model(data_args, training_args, seed=training_args.seed)
     freeze(model, data_args, is_embedded)
-    train, evals, heldout, bad = sft_data(data_args, training_args.seed)
-    for b in bad:
-        print(f"skipped {b}")
+    train, evals, heldout, bad = sft_data(data_args, training_args.seed)       # bad records: warned, reported
     kw = dict(cutoff_len=data_args.cutoff_len, query_set=avar_args.avar_query_set)
     rope = model.model.get_rope_index if data_args.packing else None
     trainer = AvarSFTTrainer(
@@ -271,8 +269,6 @@ def run_grpo(cfg: dict) -> dict:
     model, processor, is_embedded = load_model(data_args, training_args, seed=training_args.seed)
     freeze(model, data_args, is_embedded)
     rows, bad = grpo_data(data_args, training_args.seed)
-    for b in bad:
-        print(f"skipped {b}")
     trainer = build_trainer(model, processor, rows, training_args, reward_args)
     result = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
