@@ -19,6 +19,16 @@ from avar_kernels.eval import evaluate as E  # noqa: E402  (the module: the pack
 from avar_kernels.eval import report as R  # noqa: E402
 from avar_kernels.types import IMAGE, SYSTEM, USER  # noqa: E402
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny models run faster on one thread than on two (op dispatch dominates); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 SMALL = dict(embedded_samples=5, max_new_tokens=3, batch_size=3, bench_samples=2, bench_new_tokens=2, bench_reps=1,
              progress=False)
 CONDITIONS = ["vaf:0.3@1-2", "pai:0.5"]

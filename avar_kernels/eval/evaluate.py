@@ -697,7 +697,7 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
         "settings": {k: v for k, v in asdict(cfg).items() if k not in ("models", "conditions", "out", "progress")},
         "seeds": {"data_seed": cfg.data_seed, "model_init_seed": cfg.seed, "torch_seed": cfg.seed},
         "answer_check": "avar_kernels.train.rewards.answers_match (the GRPO accuracy reward)",
-        "processes": procs.world, "environment": bm.environment(device),
+        "processes": procs.world, "environment": bm.environment(device), "versions": _versions(),
     }
     if procs.main:
         if cfg.overwrite and os.path.isdir(os.path.join(cfg.out, "cells")):
@@ -718,6 +718,18 @@ def run_evaluation(cfg: EvalConfig) -> dict | None:
     finally:
         results = write_report(cfg.out) if procs.main else None
     return results
+
+
+def _versions():
+    import importlib.metadata
+
+    out = {}
+    for name in ("avar-kernels", "torch", "transformers", "accelerate", "trl", "tokenizers", "matplotlib", "numpy"):
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _evaluate_model(cfg, spec, dataset, pending, procs, device):

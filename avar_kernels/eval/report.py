@@ -246,8 +246,9 @@ def summary_markdown(res) -> str:
               + (f", {len(run['skipped_records'])} records skipped (listed below)" if run["skipped_records"] else "")
               + f". Greedy decoding, up to {run['max_new_tokens']} new tokens, {run['dtype']}, "
               f"{run['processes']} process(es). Answer check: `{run['answer_check']}`.", "",
-              f"Device: {env.get('device_name')} ({env.get('device')}); torch {env.get('torch')}, transformers "
-              f"{env.get('transformers')}; commit {env.get('commit')}; {env.get('date')}. Seeds: "
+              f"Device: {env.get('device_name')} ({env.get('device')}); "
+              + ", ".join(f"{k} {v}" for k, v in run.get("versions", {}).items() if v)
+              + f"; commit {env.get('commit')}; {env.get('date')}. Seeds: "
               + ", ".join(f"{k} {v}" for k, v in run["seeds"].items()) + ".", ""]
     lines += ["## Accuracy and attention", "",
               "VAS and visual share: user-turn rows of the prompt (mean over layers, heads, rows, then samples); "
