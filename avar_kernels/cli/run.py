@@ -26,9 +26,6 @@ from . import args as A
 from .eval import add_eval_arguments, eval_config, print_results
 
 STEPS = ("data", "sft", "avar-sft", "grpo", "eval")
-# The embedded task's training lengths in the main job (a config, --sft-steps / --grpo-steps or --set override)
-EMBEDDED_SFT_STEPS = 300
-EMBEDDED_GRPO_STEPS = 8
 
 
 def register(sub):
@@ -48,8 +45,8 @@ def register(sub):
                    help="SFT conversations (ShareGPT messages + images); default: synthesized from the embedded task")
     p.add_argument("--grpo-data", type=A.existing_file, default=None, metavar="FILE.jsonl",
                    help="GRPO problems (problem / answer / images); default: the embedded task")
-    p.add_argument("--train-samples", type=A.positive_int, default=4000, metavar="N",
-                   help="embedded SFT samples to synthesize (default 4000)")
+    p.add_argument("--train-samples", type=A.positive_int, default=None, metavar="N",
+                   help="embedded SFT samples to synthesize (default: the trainer's embedded_train_size)")
     p.add_argument("--grpo-samples", type=A.positive_int, default=256, metavar="N",
                    help="embedded GRPO problems (default 256)")
     p.add_argument("--sft-config", type=A.existing_file, default=None, metavar="YAML",
@@ -57,9 +54,9 @@ def register(sub):
     p.add_argument("--grpo-config", type=A.existing_file, default=None, metavar="YAML",
                    help="trainer config of the GRPO run (GRPOConfig / reward keys)")
     p.add_argument("--sft-steps", type=A.positive_int, default=None, metavar="N",
-                   help=f"max_steps of each SFT run (embedded default {EMBEDDED_SFT_STEPS}; else the config's)")
+                   help="max_steps of each SFT run (default: the config's; the embedded task: the trainer's)")
     p.add_argument("--grpo-steps", type=A.positive_int, default=None, metavar="N",
-                   help=f"max_steps of GRPO (embedded default {EMBEDDED_GRPO_STEPS}; else the config's)")
+                   help="max_steps of GRPO (default: the config's; the embedded task: the trainer's)")
     p.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",
                    help="an SFT config key (value read as YAML), repeatable")
     p.add_argument("--set-grpo", action="append", default=[], metavar="KEY=VALUE",
@@ -103,8 +100,10 @@ def make_data(args, folder):
         raise ValueError(f"--data-seed {args.data_seed}: the test questions must not share the seed of the training "
                          "data (--seed, --seed + 1000)")
     if args.sft_data is None:
-        rep = synth.synthesize(embedded.records(args.train_samples, seed=args.seed), sft, source="<embedded>",
-                               resume=False)
+        from avar_kernels.train.config import DataArguments
+
+        n = args.train_samples or DataArguments().embedded_train_size
+        rep = synth.synthesize(embedded.records(n, seed=args.seed), sft, source="<embedded>", resume=False)
         if rep.bad:
             raise RuntimeError(f"synth: {len(rep.bad)} embedded records failed, first: {rep.bad[0]}")
     if args.grpo_data is None:
@@ -142,7 +141,7 @@ def sft_config(args, data, output_dir, guided):
 
     cfg = _config(args.sft_config, [])
     if args.model is None:
-        cfg = {**R.EMBEDDED_SFT, "max_steps": EMBEDDED_SFT_STEPS, "save_steps": 100, **cfg}
+        cfg = {**R.EMBEDDED_SFT, **cfg}
     else:
         cfg["model_name_or_path"] = args.model
     cfg.update(dataset=data, output_dir=output_dir, seed=args.seed, use_avar_attn_guide=guided)
@@ -158,7 +157,7 @@ def grpo_config(args, data, start, output_dir):
 
     cfg = _config(args.grpo_config, [])
     if args.model is None:
-        cfg = {**R.EMBEDDED_GRPO, "max_steps": EMBEDDED_GRPO_STEPS, **cfg}
+        cfg = {**R.EMBEDDED_GRPO, **cfg}
     cfg.update(model_name_or_path=start, dataset=data, output_dir=output_dir, seed=args.seed)
     if args.grpo_steps is not None:
         cfg["max_steps"] = args.grpo_steps
