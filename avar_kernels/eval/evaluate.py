@@ -297,7 +297,6 @@ class LoadedModel:
         self.video_token_id = getattr(cfg, "video_token_id", None)
         vision = getattr(cfg, "vision_config", None)
         self.merge_size = int(getattr(vision, "spatial_merge_size", 1) or 1)
-        self.parameters = sum(p.numel() for p in model.parameters())
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         tok = self.tokenizer
@@ -333,7 +332,8 @@ def load_model(spec: ModelSpec, *, device="cpu", dtype=None, seed=0) -> LoadedMo
         cfg = AutoConfig.from_pretrained(path)
         try:
             model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=dt, attn_implementation={"text_config": "avar", "vision_config": "sdpa"}).to(device)
+                path, dtype=dt, device_map=str(device),
+                attn_implementation={"text_config": "avar", "vision_config": "sdpa"})
             processor = (load_processor(path, cfg.model_type) if cfg.model_type in QWEN_FAMILY
                          else AutoProcessor.from_pretrained(path))
         except (OSError, ValueError, KeyError) as e:
@@ -381,7 +381,6 @@ def sample_metrics(masses, classes, b, prompt_len, new_tokens):
 
     prompt = [m[b:b + 1, :, :prompt_len] for m in masses]
     cls = classes[b:b + 1, :prompt_len]
-    caught = []
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always", metrics.UndefinedMetricWarning)
         v = metrics.vas(prompt, cls)
