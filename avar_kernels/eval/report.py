@@ -327,13 +327,26 @@ def _title(res, text):
     return text + ("" if res["complete"] else " (INCOMPLETE)")
 
 
+def _wide(values):
+    """Whether positive values span more than 50x (then the axis is logarithmic)."""
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return bool(vals) and min(vals) > 0 and max(vals) / min(vals) > 50
+
+
 def plot_vas_per_layer(res, path):
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    seen = []
     for name, m in res["models"].items():
         per_layer = m["conditions"].get("none", {}).get("vas_per_layer")
         if per_layer:
             ax.plot(range(len(per_layer)), [math.nan if v is None else v for v in per_layer], marker="o", label=name)
+            seen += per_layer
+    if _wide(seen):
+        ax.set_yscale("log")
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer")
     ax.set_ylabel("VAS (image / system mass, user-turn rows)")
     ax.set_title(_title(res, "VAS per layer, no intervention"))
@@ -350,7 +363,10 @@ def plot_heads(res, name, path):
         return False
     grid = [[math.nan if v is None else v for v in row] for row in per_head]
     fig, ax = plt.subplots(figsize=(max(4, 0.35 * len(grid[0]) + 2), max(3, 0.3 * len(grid) + 1.5)))
-    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    from matplotlib.colors import LogNorm
+
+    norm = LogNorm() if _wide([v for row in per_head for v in row]) else None
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower", norm=norm)
     fig.colorbar(im, ax=ax, label="VAS")
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
@@ -365,18 +381,23 @@ def plot_accuracy_vs_vas(res, path):
     plt = _plt()
     corr = res["accuracy_vs_vas"]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    colours = {name: f"C{i % 10}" for i, name in enumerate(res["models"])}
+    markers = {"none": "o", "vaf": "^", "pai": "s"}
     for p in corr["points"]:
         if p["vas"] is None or p["accuracy"] is None:
             continue
-        marker = "o" if p["condition"] == "none" else "^"
-        ax.scatter(p["vas"], p["accuracy"], marker=marker)
-        ax.annotate(f"{p['model']} {p['condition']}", (p["vas"], p["accuracy"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        kind = p["condition"].split("=")[0]
+        ax.scatter(p["vas"], p["accuracy"], marker=markers.get(kind, "x"), color=colours[p["model"]],
+                   label=f"{p['model']} {p['condition']}", alpha=0.8)
     stat = (f"Pearson r = {corr['r']:.3f}, p = {corr['p']:.3g}, n = {corr['n']}" if corr["r"] is not None
             else f"r undefined ({corr['note']}), n = {corr['n']}")
+    if _wide([p["vas"] for p in corr["points"]]):
+        ax.set_xscale("log")
     ax.set_xlabel("VAS")
     ax.set_ylabel("accuracy")
     ax.set_title(_title(res, f"Accuracy vs VAS ({stat})"), fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=6, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
