@@ -73,7 +73,10 @@ def register(sub):
         epilog="examples: avar-kernels eval   (embedded default, offline, CPU)\n"
                "  avar-kernels eval --model base=Qwen/Qwen2.5-VL-7B-Instruct --model avar=ckpt/avar-sft "
                "--data geo3k_test.jsonl --interventions vaf:0.1,0.15,0.3 vaf:0.15@9-14 pai:0.2,0.5 --out report\n"
-               "  accelerate launch --num_processes 8 -m avar_kernels eval --model ... --data ... --out report",
+               "  accelerate launch --multi_gpu --num_processes 8 -m avar_kernels eval --model ... --data ... "
+               "--out report\n"
+               "  (CPU processes over gloo: the same with --device cpu; 'torchrun --nproc_per_node N -m avar_kernels "
+               "eval ...' works too)",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     add_eval_arguments(p)
     p.add_argument("--out", default="eval-report", metavar="DIR", help="the report folder (default eval-report)")
