@@ -226,6 +226,20 @@ def test_missing_images_are_listed(tmp_path, capsys):
     assert "report (complete)" in capsys.readouterr().out
 
 
+def test_sharegpt_layout_prompt_and_reference(tmp_path):
+    """A ShareGPT file (the SFT layout): the prompt is every turn before the last assistant turn, the reference its
+    <answer>."""
+    from avar_kernels.train import embedded, synth
+
+    recs = embedded.records(2, seed=5)
+    synth.synthesize(recs, str(tmp_path / "sft.jsonl"))
+    ds = ev.load_dataset(str(tmp_path / "sft.jsonl"))
+    assert ds.fingerprint["layout"] == "conversations" and [s.id for s in ds.samples] == [1, 2]
+    for s, r in zip(ds.samples, recs):
+        assert s.messages == [{"role": "user", "content": "<image>" + r.question}] and s.answer == r.answer
+        assert s.images == ["images/%07d_0.png" % r.line] and s.base_dir == str(tmp_path)
+
+
 def test_unreadable_image_at_run_time_is_an_error_entry():
     lm = E.load_model(ev.ModelSpec("embedded"))
     good = ev.load_dataset(None, embedded_samples=1).samples[0]
