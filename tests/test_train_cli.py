@@ -85,3 +85,29 @@ def test_config_takes_the_published_avar_keys(tmp_path):
     assert (data.cutoff_len, data.image_max_pixels) == (4096, 262144)
     with pytest.raises(ValueError, match="stage"):
         split_config({**cfg, "stage": "dpo"}, "sft")
+
+
+def test_example_configs_load():
+    import os
+
+    import yaml
+
+    root = os.path.join(os.path.dirname(__file__), "..", "examples", "train")
+    from avar_kernels.train.config import load_yaml
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        train, avar, data = split_config({**load_yaml(os.path.join(root, "avar_sft.yaml")), "bf16": False}, "sft")
+        assert data.model_name_or_path == "Qwen/Qwen2.5-VL-7B-Instruct" and avar.avar_query_set == "turn"
+        assert train.warmup_steps == 0.1 and train.gradient_checkpointing
+        train, rewards, data = split_config({**load_yaml(os.path.join(root, "avar_grpo.yaml")), "bf16": False}, "grpo")
+        assert (rewards.visual_reward_weight, train.num_generations) == (0.3, 8)
+        train, avar, data = split_config(load_yaml(os.path.join(root, "embedded_sft.yaml")), "sft")
+        assert data.model_name_or_path is None and train.max_steps == 1200
+    kinds = {}
+    for name in ("ddp", "fsdp", "deepspeed_zero3", "ddp_cpu"):
+        with open(os.path.join(root, "accelerate", name + ".yaml")) as f:
+            kinds[name] = yaml.safe_load(f)["distributed_type"]
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED", "ddp_cpu": "MULTI_CPU"}
+    with open(os.path.join(root, "ds_zero3.json")) as f:
+        assert json.load(f)["zero_optimization"]["stage"] == 3

@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("PIL")
@@ -151,3 +152,28 @@ def test_encode_conversation_labels_classes_and_queries():
     batch = SFTCollator(tok.pad_token_id)([s, short])
     assert batch["input_ids"].shape == (2, len(ids)) and batch["attention_mask"][1].sum() == len(ids) - 5
     assert (batch["labels"][1, -5:] == -100).all() and batch["pixel_values"].shape[0] == 2 * 36
+
+
+def test_model_rewriter_prompts_a_local_model(tmp_path):
+    model, proc = E.model("sdpa", seed=0, num_hidden_layers=1), E.processor()
+    model.save_pretrained(tmp_path / "m")
+    proc.save_pretrained(tmp_path / "m")
+    rewriter = synth.ModelRewriter(str(tmp_path / "m"), max_new_tokens=6)
+    rec = E.records(1, seed=0)[0]
+    rec.description = None
+    # the random model's greedy words decode to nothing printable: reported as a failed record
+    with pytest.raises(ValueError, match="came back empty"):
+        rewriter(rec)
+    seen, generate = [], rewriter.model.generate
+
+    def answer_with_words(**inputs):                # the real forward and prompt, fixed generated words
+        seen.append(proc.decode(inputs["input_ids"][0]))
+        out = generate(**{**inputs, "max_new_tokens": 1})
+        words = proc.tokenizer(f"a big {rec.answer} shape", return_tensors="pt")["input_ids"]
+        return torch.cat([out[:, :inputs["input_ids"].shape[1]], words], 1)
+
+    rewriter.model.generate = answer_with_words
+    text = rewriter(rec)
+    assert "<|image_pad|>" in seen[0] and len(seen) == 2
+    assert text.startswith(f"<think> Image description : a big {rec.answer} shape .")
+    assert text.endswith(f"<answer> {rec.answer} </answer>")

@@ -100,12 +100,18 @@ def split_config(cfg: dict, kind: str = "sft"):
     else:
         raise ValueError(f"kind must be 'sft' or 'grpo', got {kind!r}")
     cfg = dict(cfg)
+    names = _fields(Args)
+    if "warmup_ratio" in cfg and "warmup_ratio" not in names:    # transformers 5: a fraction in warmup_steps
+        ratio = float(cfg.pop("warmup_ratio"))
+        if not 0 <= ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {ratio}")
+        cfg.setdefault("warmup_steps", ratio)
     ignored = sorted(k for k in cfg if k in IGNORED)
     for k in ignored:
         cfg.pop(k)
     if ignored:
         warnings.warn(f"config keys with no effect here, ignored: {', '.join(ignored)}", UserWarning, stacklevel=2)
-    parts = {"train": _fields(Args), "avar": _fields(avar_cls), "data": _fields(DataArguments)}
+    parts = {"train": names, "avar": _fields(avar_cls), "data": _fields(DataArguments)}
     unknown = sorted(k for k in cfg if not any(k in names for names in parts.values()))
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)} (expected {Args.__name__}, "
