@@ -81,7 +81,7 @@ def test_help(capsys):
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
-    assert "{op,vas}" in out and "--max-new-tokens N" in out and "--kv-heads" in out
+    assert "{op,vas,eval,train,synth,run}" in out and "--max-new-tokens N" in out and "--kv-heads" in out
 
 
 def test_errors_are_one_line(capsys):
