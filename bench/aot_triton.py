@@ -40,7 +40,9 @@ from avar_kernels.triton import fwd as triton_fwd  # noqa: E402
 
 SMEM_LIMIT = triton_configs.SMEM_LIMIT
 KERNEL_NAMES = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
-VARIANTS = ("plain", "masses", "masses+table")
+KERNELS = {"fwd": triton_fwd._fwd_kernel, "dq": triton_bwd._bwd_dq_kernel, "dkdv": triton_bwd._bwd_dkdv_kernel}
+# masses+table: a MUL table (VAF); masses+learned: MUL, ABS and ADD tables with their gradients (training)
+VARIANTS = ("plain", "masses", "masses+table", "masses+learned")
 # The measured shape of the GPU benchmark: bf16, 16 heads, causal; a short sequence (lengths do not change code).
 HEADS, TOKENS, NUM_CLASSES = 16, 256, 5
 
@@ -68,13 +70,17 @@ def record_launches(dim, variant, dtype=torch.bfloat16):
         cu = torch.tensor([0, TOKENS], dtype=torch.int32)
         c = 0 if variant == "plain" else NUM_CLASSES
         cls = torch.randint(0, NUM_CLASSES, (TOKENS,), generator=gen, dtype=torch.int32) if c else None
-        mul = 0.1 * torch.randn(HEADS, c, c, generator=gen) if variant == "masses+table" else None
-        args = (cu, cu, TOKENS, TOKENS, cls, cls, c, mul, None, None, dim ** -0.5, -1, 0)
+        tables = [0.1 * torch.randn(HEADS, c, c, generator=gen) for _ in range(3)]
+        learned = variant == "masses+learned"
+        mul = tables[0] if variant in ("masses+table", "masses+learned") else None
+        abs_, add = (tables[1], tables[2]) if learned else (None, None)
+        args = (cu, cu, TOKENS, TOKENS, cls, cls, c, mul, abs_, add, dim ** -0.5, -1, 0)
         triton_fwd.forward(q, k, v, *args)
         out = torch.zeros_like(q)
         lse = torch.zeros(HEADS, TOKENS)
         dmass = torch.zeros(HEADS, TOKENS, c) if c else None
-        triton_bwd.backward(out, dmass, torch.zeros(HEADS, TOKENS), q, k, v, out, lse, *args)
+        triton_bwd.backward(out, dmass, torch.zeros(HEADS, TOKENS), q, k, v, out, lse, *args,
+                            table_grads=(True, True, True) if learned else None)
     finally:
         triton.autotune = real_autotune
     return launches
@@ -87,8 +93,9 @@ _PTX_COUNTS = [("wgmma", r"wgmma\.mma_async"), ("mma", r"\bmma\.sync"), ("wgmma_
 
 
 def compile_one(job):
-    """Compile one (kernel, config row, kwargs) for one architecture; returns a row of figures."""
-    kernel, (block_m, block_n, num_warps, num_stages), kwargs, arch = job
+    """Compile one (kernel name, config row, kwargs) for one architecture; returns a row of figures."""
+    name, (block_m, block_n, num_warps, num_stages), kwargs, arch = job
+    kernel = KERNELS[name]
     jit = kernel.fn
     args = {**kwargs, "BLOCK_M": block_m, "BLOCK_N": block_n}
     for name, rule in kernel.values.items():  # the kernel's @triton.heuristics feature flags
@@ -120,7 +127,7 @@ def compile_one(job):
     return row
 
 
-def collect(archs, dims, kernels, variants, jobs):
+def collect(archs, dims, kernels, variants, jobs, rows=None):
     work, keys = [], []
     for dim in dims:
         for variant in variants:
@@ -130,12 +137,12 @@ def collect(archs, dims, kernels, variants, jobs):
                     continue
                 shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
                          any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
-                for cfg in triton_configs.candidate_rows(name, *shape):
+                for cfg in rows or triton_configs.candidate_rows(name, *shape):
                     for arch in archs:
                         est = triton_configs.smem_estimate(name, cfg, shape[0], kwargs["Q"].element_size(),
                                                            *shape[2:], arch)
                         keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg, est=est))
-                        work.append((kernel, cfg, kwargs, arch))
+                        work.append((name, cfg, kwargs, arch))
     print(f"{len(work)} compiles", file=sys.stderr)
     rows = []
     with ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:
@@ -148,7 +155,8 @@ def collect(archs, dims, kernels, variants, jobs):
 def markdown(rows, title):
     lines = [f"# {title}", "",
              f"triton {triton.__version__}, bf16, {HEADS} heads, causal, C = {NUM_CLASSES} classes with masses, "
-             "MUL table for 'masses+table'. Spill: bytes stored / loaded. Shared memory against the opt-in limit "
+             "a MUL table for 'masses+table', MUL, ABS and ADD tables with their gradients for 'masses+learned'. "
+             "Spill: bytes stored / loaded. Shared memory against the opt-in limit "
              f"per block ({', '.join(f'sm_{a}: {v:,} B' for a, v in SMEM_LIMIT.items())}); 'est.': the backend's "
              "estimate, 'kept': estimate within the limit (UNDER: estimate below the need). PTX counts: "
              "wgmma.mma_async (mma.sync on sm_80), wgmma.wait_group, bar.sync, fence.proxy.async; 'ser.': ptxas "
@@ -183,11 +191,14 @@ def main(argv=None):
                         choices=list(KERNEL_NAMES.values()))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
+    parser.add_argument("--configs", nargs="+", metavar="BMxBNxWxS",
+                        help="compile these configs instead of the backend's lists (to try candidates)")
     parser.add_argument("--title", default="Triton kernels compiled ahead of time")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = collect(args.arch, args.dims, args.kernels, args.variants, args.jobs)
+    rows = collect(args.arch, args.dims, args.kernels, args.variants, args.jobs,
+                   [tuple(int(x) for x in c.split("x")) for c in args.configs] if args.configs else None)
     text = markdown(rows, args.title)
     text += f"\n`python bench/aot_triton.py {' '.join(argv if argv is not None else sys.argv[1:])}` " \
             f"({len(rows)} compiles, {time.perf_counter() - start:.0f} s)\n"

@@ -43,15 +43,25 @@ def fa_check(name, got, ref64, ref_lowp, atol):
     fa_close(name, got, ref64, ref_lowp, atol * scale)
 
 
-def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV):
+def class_ids(n, c, layout, gen):
+    """int32 [n] class ids: 'random' per token, or 'runs' of 1..40 tokens (a VLM prompt's spans: most key blocks of
+    the interpreter's 16 keys have one class, some two or more)."""
+    if layout == "random":
+        return torch.randint(0, c, (n,), generator=gen, dtype=torch.int32)
+    lengths = torch.randint(4, 49, (n,), generator=gen)
+    classes = torch.randint(0, c, (n,), generator=gen, dtype=torch.int32)
+    return classes.repeat_interleave(lengths)[:n]
+
+
+def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV, layout="random"):
     cq = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=device)
     ck = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=device)
     tq, tk = sum(lq), sum(lk)
     q = torch.randn(tq, hq, d, generator=gen, dtype=torch.float64)
     k = torch.randn(tk, hk, d, generator=gen, dtype=torch.float64)
     v = torch.randn(tk, hk, d, generator=gen, dtype=torch.float64)
-    kc = torch.randint(0, c, (tk,), generator=gen, dtype=torch.int32).to(device) if c else None
-    qc = torch.randint(0, c, (tq,), generator=gen, dtype=torch.int32).to(device) if c else None
+    kc = class_ids(tk, c, layout, gen).to(device) if c else None
+    qc = class_ids(tq, c, layout, gen).to(device) if c else None
     tabs = {}
     for name in ("mul", "abs", "add"):
         on = rw == name or rw == "mixed"
@@ -61,14 +71,14 @@ def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV):
 
 
 def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=torch.float32, seed=0,
-             backward=True, device=DEV, out_fp32=False, poison=None):
+             backward=True, device=DEV, out_fp32=False, poison=None, layout="random"):
     """Forward (and backward) against the float64 reference; returns [out, lse, mass(, dq, dk, dv)].
     poison(q, k, v) edits the float64 inputs in place (non-finite values): then out, lse and mass must be NaN exactly
     where the reference's are, and a gradient has NaN when the reference's has (the exact entries differ: the
     reference's dense products also reach masked scores through 0 * NaN, the kernel's visit key blocks); entries
     finite in both obey the rule."""
     gen = torch.Generator().manual_seed(seed)
-    (q64, k64, v64), meta = make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device)
+    (q64, k64, v64), meta = make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device, layout)
     if poison is not None:
         poison(q64, k64, v64)
     wl, wr = window if window is not None else (-1, 0 if causal else -1)
@@ -146,6 +156,35 @@ CASES = [
 def test_fwd_bwd(case):
     lq, lk, hq, hk, d, c, causal, window, rw, dtype = case
     run_case(lq, lk, hq, hk, d, c, causal, window, rw, dtype)
+
+
+RUN_CASES = [
+    # lq, lk, hq, hk, d, c, causal, window, rw, dtype: classes in runs (one-class key blocks and mixed ones)
+    ([70, 9], [90, 40], 4, 2, 32, 3, True, None, "mixed", torch.float32),
+    ([64], [64], 2, 1, 64, 5, False, None, "mul", torch.float16),
+    ([50, 33], [50, 60], 4, 2, 32, 4, False, (20, 5), "abs", torch.float16),
+    ([40], [75], 2, 2, 32, 2, True, None, "add", torch.float32),
+    ([48], [48], 2, 1, 32, 3, True, None, "none", torch.float16),
+]
+
+
+@pytest.mark.parametrize("mass_dot", [True, False], ids=["dot", "loop"])
+@pytest.mark.parametrize("case", RUN_CASES, ids=lambda c: f"q{c[0]}k{c[1]}c{c[5]}w{c[7]}{c[8]}-{str(c[9])[6:]}")
+def test_class_runs(case, mass_dot, monkeypatch):
+    """Class runs longer than a block: the one-class fast paths (row sums for masses, per-row table factors, dmass
+    folded into delta) next to the mixed blocks' one-hot products and table lookups."""
+    monkeypatch.setattr(TF, "MASS_DOT", mass_dot)
+    lq, lk, hq, hk, d, c, causal, window, rw, dtype = case
+    run_case(lq, lk, hq, hk, d, c, causal, window, rw, dtype, seed=5, layout="runs")
+
+
+def test_class_runs_packing():
+    """class_runs: distance to the end of the class run within the sequence, times CLASS_TILE, plus the class."""
+    kc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 0, 0, 0, 1], dtype=torch.int32)
+    cu = torch.tensor([0, 10, 13, 13], dtype=torch.int32)
+    runs = TF.class_runs(kc, cu)
+    assert (runs // TF.CLASS_TILE.value).tolist() == [3, 2, 1, 2, 1, 4, 3, 2, 1, 1, 2, 1, 1]
+    assert torch.equal(runs % TF.CLASS_TILE.value, kc)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -284,9 +323,9 @@ def test_gpu_autotuned_long():
 # Gradients of learned re-weighting tables (interpreter / any device)
 # ------------------------------------------------------------------------------------------------------
 
-def _table_case(form, lq, lk, hq, hk, d, c, zero, seed):
+def _table_case(form, lq, lk, hq, hk, d, c, zero, seed, layout="random"):
     gen = torch.Generator().manual_seed(seed)
-    (q, k, v), meta = make_case(lq, lk, hq, hk, d, c, "none", torch.float64, gen, "cpu")
+    (q, k, v), meta = make_case(lq, lk, hq, hk, d, c, "none", torch.float64, gen, "cpu", layout)
     shape = {"c": (c,), "cc": (c, c), "hcc": (hq, c, c)}[form]
     amp = {"mul": 0.3, "abs": 0.2, "add": 1.0}
     tabs = {n: torch.zeros(shape, dtype=torch.float64) if n in zero
@@ -312,21 +351,22 @@ def _table_grads_api(qkv, meta, tabs, up, dtype, backend, names):
 
 
 TABLE_CASES = [
-    # form, lq, lk, hq, hk, d, c, zero-initialised tables, learned tables
-    ("c", [17, 1, 40], [30, 17, 40], 4, 2, 32, 3, ("abs",), ("mul", "abs", "add")),
-    ("cc", [24, 9], [31, 9], 6, 2, 64, 4, ("mul",), ("mul", "abs", "add")),
-    ("hcc", [5, 33, 20], [0, 33, 41], 4, 1, 32, 5, ("add",), ("mul", "abs", "add")),
-    ("hcc", [20, 13], [35, 13], 4, 2, 32, 2, (), ("abs",)),  # one table asked; others absent
+    # form, lq, lk, hq, hk, d, c, zero-initialised tables, learned tables, class layout
+    ("c", [17, 1, 40], [30, 17, 40], 4, 2, 32, 3, ("abs",), ("mul", "abs", "add"), "random"),
+    ("cc", [24, 9], [31, 9], 6, 2, 64, 4, ("mul",), ("mul", "abs", "add"), "random"),
+    ("hcc", [5, 33, 20], [0, 33, 41], 4, 1, 32, 5, ("add",), ("mul", "abs", "add"), "random"),
+    ("hcc", [20, 13], [35, 13], 4, 2, 32, 2, (), ("abs",), "random"),  # one table asked; others absent
+    ("hcc", [60, 20], [70, 20], 4, 2, 32, 3, (), ("mul", "abs", "add"), "runs"),  # one-class key blocks
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("case", TABLE_CASES, ids=lambda c: f"{c[0]}-c{c[6]}-{'+'.join(c[8])}")
+@pytest.mark.parametrize("case", TABLE_CASES, ids=lambda c: f"{c[0]}-c{c[6]}-{'+'.join(c[8])}-{c[9]}")
 def test_table_grads(case, dtype):
     """dMUL / dABS / dADD ([C], [C, C], [H, C, C] tables, one zero-initialised) against the float64 reference's
     autograd: causal, GQA, Sq != Sk, varlen with unequal lengths (one sequence without keys)."""
-    form, lq, lk, hq, hk, d, c, zero, names = case
-    qkv, meta, tabs, up = _table_case(form, lq, lk, hq, hk, d, c, zero, seed=len(lq) * 7 + c)
+    form, lq, lk, hq, hk, d, c, zero, names, layout = case
+    qkv, meta, tabs, up = _table_case(form, lq, lk, hq, hk, d, c, zero, seed=len(lq) * 7 + c, layout=layout)
     ref = _table_grads_api(qkv, meta, tabs, up, torch.float64, "reference", names)
     got = _table_grads_api(qkv, meta, tabs, up, dtype, "triton", names)
     tol = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 1e-2)}[dtype]  # (atol relative to max, rtol)
@@ -344,7 +384,7 @@ def test_table_grads(case, dtype):
 def test_table_grads_masses_loop_variant(monkeypatch):
     """Table gradients with the reduction (non-product) formulation of the masses (CP < 16 there)."""
     monkeypatch.setattr(TF, "MASS_DOT", False)
-    form, lq, lk, hq, hk, d, c, zero, names = TABLE_CASES[1]
+    form, lq, lk, hq, hk, d, c, zero, names, _ = TABLE_CASES[1]
     qkv, meta, tabs, up = _table_case(form, lq, lk, hq, hk, d, c, zero, seed=3)
     ref = _table_grads_api(qkv, meta, tabs, up, torch.float64, "reference", names)
     got = _table_grads_api(qkv, meta, tabs, up, torch.float32, "triton", names)

@@ -4,8 +4,10 @@ Two kernels, both recomputing P = exp(z' - lse) blockwise:
 - dK/dV: grid (key block, kv head, sequence); loops over the query heads of the kv head's group and over
   the query blocks that see the key block; accumulates dk, dv in fp32 registers.
 - dQ: grid (query block, query head, sequence); loops over the visible key blocks.
-dP = dO V^T + dmass[i, class(j)] (a small product onehot(key class) x dmass^T), dZ' = P (dP - delta),
-dZ = dZ' (1 + MUL + ABS sign(z)).
+dP = dO V^T + dmass[i, class(j)], dZ' = P (dP - delta), dZ = dZ' (1 + MUL + ABS sign(z)). On a key block of one
+class c0 (see fwd.py) dmass[i, c0] is a per-row constant folded into delta and the table entries are per-row
+factors; a block of several classes takes a one-hot product onehot(key class) x dmass^T (two bf16 products of
+dmass's halves, exact enough for an fp32 operand) and per-score table lookups.
 Learned tables (constexpr WANT_DMUL / WANT_DABS / WANT_DADD, off in the plain backward): the dK/dV kernel sums
 dZ' z, dZ' |z|, dZ' per (key, query class) with a product dZ'-tile x onehot(query class) [BLOCK_M, CLASS_TILE]
 over its query blocks, reduces over its keys per key class with onehot(key class) once per query head, and
@@ -27,11 +29,18 @@ from .fwd import (
     LOG2E,
     TUNE_KEY,
     _col_ranges,
+    _dot_onehot,
     _head_table,
     _load_tile,
+    _mask_scores,
+    _one_class,
     _phase,
+    _reweight,
+    _reweight_bcast,
+    _row_entries,
     _row_ranges,
-    _scores,
+    _table_tile,
+    class_runs,
     dot_precision,
     launch_blocks,
 )
@@ -47,22 +56,34 @@ def _row_stats(LSE_h, DELTA_h, rows, rmask):
 
 
 @triton.jit
-def _reweight_grad(ds, s, idx, MUL, ABS, HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
-    """dZ = dZ' (1 + MUL + ABS sign(s)): chain rule through the reweight (ADD has no effect on the slope)."""
-    if HAS_RW:
-        fac = 1.0
-        if HAS_MUL:
-            fac += tl.load(MUL + idx)
-        if HAS_ABS:
-            sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-            fac += tl.load(ABS + idx) * sgn
-        ds = ds * fac
-    return ds
+def _reweight_grad(ds, s, q_off, qmask, kcls, MUL, ABS, C: tl.constexpr, KEYS_FIRST: tl.constexpr,
+                   HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+    """dZ = dZ' (1 + MUL + ABS sign(s)) on a key block with several classes (table tiles as in _reweight); ADD has
+    no effect on the slope."""
+    fac = 1.0
+    if HAS_MUL:
+        fac += _table_tile(MUL, q_off, qmask, kcls, C, KEYS_FIRST)
+    if HAS_ABS:
+        sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
+        fac += _table_tile(ABS, q_off, qmask, kcls, C, KEYS_FIRST) * sgn
+    return ds * fac
+
+
+@triton.jit
+def _slope_bcast(t, f_mul, f_abs_signed, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+    """1 + MUL + ABS sign(s) of a one-class key block, from raw products t (s = t * qk_scale) and table entries
+    broadcast along the keys; f_abs_signed = ABS * sign(qk_scale)."""
+    fac = 1.0
+    if HAS_MUL:
+        fac = fac + f_mul
+    if HAS_ABS:
+        fac = fac + tl.where(t > 0, f_abs_signed, tl.where(t < 0, -f_abs_signed, 0.0))
+    return fac
 
 
 @triton.heuristics({**FEATURE_FLAGS, "WANT_TG": lambda args: args["TG"] is not None})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD, TG,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD, TG,
                      scale, qk_scale, wl, wr, HQ, NKB,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -71,8 +92,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
                      HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                      HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                     DM_PREC: tl.constexpr, WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr,
-                     WANT_DADD: tl.constexpr, WANT_TG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr, WANT_DADD: tl.constexpr,
+                     WANT_TG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     n = tl.program_id(2)
@@ -95,10 +116,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
     v = _load_tile(V + hk * stride_vh, k_rows, stride_vt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     if HAS_CLASSES:
         kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
-        onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)  # [BLOCK_N, CP]
+        # the program's key block has one class c0 (the usual case) or takes the one-hot products
+        one_class, c0 = _one_class(tl.load(RUNS + k_start + n0), n0, sk, BLOCK_N)
     if WANT_TG:
         offs_t = tl.arange(0, CLASS_TILE)
-        onehot_k = ((kcls[:, None] == offs_t[None, :]) & mask_n[:, None]).to(tl.float32)  # [BLOCK_N, CLASS_TILE]
+        onehot_k = (kcls[:, None] == offs_t[None, :]) & mask_n[:, None]  # [BLOCK_N, CLASS_TILE]
+    abs_sign = tl.where(qk_scale > 0, 1.0, tl.where(qk_scale < 0, -1.0, 0.0))
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -127,37 +150,63 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
                     q = _load_tile(Q_h, g_rows, stride_qt, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                     do = _load_tile(DO_h, g_rows, stride_dot, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
-                    idx = rows
+                    tT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
                     if HAS_RW:
                         qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
-                        idx = qcls[None, :] * C + kcls[:, None]  # [BLOCK_N, BLOCK_M]
-                    sT, zT = _scores(k, q, idx, rows[None, :], offs_n[:, None], sq, sk, wl, wr, qk_scale,
-                                     MUL_h, ABS_h, ADD_h, masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
-                                     PREC)  # [BLOCK_N, BLOCK_M]
+                        # table entries (query class, c0) per query row, for a one-class key block ([1, BLOCK_M])
+                        q_off = qcls * C
+                        t_idx = q_off + c0
+                        f_mul = tl.load(MUL_h + t_idx, mask=rmask, other=0.0)[None, :] if HAS_MUL else 0.0
+                        f_abs = tl.load(ABS_h + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ABS else 0.0
+                        f_add = tl.load(ADD_h + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ADD else 0.0
+                        if one_class:
+                            zT = _reweight_bcast(tT, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
+                        else:
+                            zT = _reweight(tT * qk_scale, q_off, rmask, kcls, MUL_h, ABS_h, ADD_h, C, True,
+                                           HAS_MUL, HAS_ABS, HAS_ADD)
+                    else:
+                        zT = tT * qk_scale
+                    zT = _mask_scores(zT, rows[None, :], offs_n[:, None], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
                     pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
                     if HAS_CLASSES:
-                        if MASS_DOT:
-                            dm = tl.load(DMASS + h * stride_dmh + g_rows[:, None] * C + offs_c[None, :],
-                                         mask=rmask[:, None] & (offs_c[None, :] < C), other=0.0)  # [BLOCK_M, CP]
-                            dpT = tl.dot(onehot, tl.trans(dm), dpT, input_precision=DM_PREC)
+                        dm_rows = DMASS + h * stride_dmh + g_rows * C  # [BLOCK_M] row starts of dmass
+                        if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
+                            dm_c0 = tl.load(dm_rows + c0, mask=rmask, other=0.0)
+                            dzT = pT * (dpT - (di - dm_c0)[None, :])
                         else:
-                            for c in tl.static_range(C):
-                                dmc = tl.load(DMASS + h * stride_dmh + g_rows * C + c, mask=rmask, other=0.0)
-                                dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
-                    dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
+                            if MASS_DOT:
+                                dm = tl.load(dm_rows[:, None] + offs_c[None, :],
+                                             mask=rmask[:, None] & (offs_c[None, :] < C), other=0.0)  # [BLOCK_M, CP]
+                                onehot = kcls[:, None] == offs_c[None, :]  # [BLOCK_N, CP]
+                                dpT = _dot_onehot(tl.trans(dm), onehot, dpT, False, PREC)
+                            else:
+                                for c in tl.static_range(C):
+                                    dmc = tl.load(dm_rows + c, mask=rmask, other=0.0)
+                                    dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
+                            dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
+                    else:
+                        dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
                     if WANT_TG:
                         # table gradients: per key j and query class a, sum_i dZ'_ji [* z_ji | * |z_ji|] over
                         # class(i) = a (a small product with onehot(query class)); reduced over key classes below
-                        onehot_q = (qcls[:, None] == offs_t[None, :]).to(tl.float32)  # [BLOCK_M, CLASS_TILE]
+                        sT = tT * qk_scale
+                        onehot_q = qcls[:, None] == offs_t[None, :]  # [BLOCK_M, CLASS_TILE]
                         if WANT_DMUL:
-                            tmul = tl.dot(dzT * sT, onehot_q, tmul, input_precision=DM_PREC)
+                            tmul = _dot_onehot(dzT * sT, onehot_q, tmul, True, PREC)
                         if WANT_DABS:
-                            tabs = tl.dot(dzT * tl.abs(sT), onehot_q, tabs, input_precision=DM_PREC)
+                            tabs = _dot_onehot(dzT * tl.abs(sT), onehot_q, tabs, True, PREC)
                         if WANT_DADD:
-                            tadd = tl.dot(dzT, onehot_q, tadd, input_precision=DM_PREC)
-                    dsT = _reweight_grad(dzT, sT, idx, MUL_h, ABS_h, HAS_RW, HAS_MUL, HAS_ABS)  # [BLOCK_N, BLOCK_M]
+                            tadd = _dot_onehot(dzT, onehot_q, tadd, True, PREC)
+                    if HAS_RW:
+                        if one_class:
+                            dsT = dzT * _slope_bcast(tT, f_mul, f_abs * abs_sign, HAS_MUL, HAS_ABS)
+                        else:
+                            dsT = _reweight_grad(dzT, tT * qk_scale, q_off, rmask, kcls, MUL_h, ABS_h, C, True,
+                                                 HAS_MUL, HAS_ABS)
+                    else:
+                        dsT = dzT
                     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
         if WANT_TG:
             # reduce over this block's keys per key class: [CLASS_TILE query classes, CLASS_TILE key classes] per
@@ -165,13 +214,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
             TG_h = TG + ((n * NKB + pid_n) * HQ + h).to(tl.int64) * (3 * C * C)
             tmask = (offs_t[:, None] < C) & (offs_t[None, :] < C)
             toffs = offs_t[:, None] * C + offs_t[None, :]
+            zero = tl.zeros([CLASS_TILE, CLASS_TILE], dtype=tl.float32)
             if WANT_DMUL:
-                tl.store(TG_h + toffs, tl.dot(tl.trans(tmul), onehot_k, input_precision=DM_PREC), mask=tmask)
+                tl.store(TG_h + toffs, _dot_onehot(tl.trans(tmul), onehot_k, zero, True, PREC), mask=tmask)
             if WANT_DABS:
-                tl.store(TG_h + C * C + toffs, tl.dot(tl.trans(tabs), onehot_k, input_precision=DM_PREC),
-                         mask=tmask)
+                tl.store(TG_h + C * C + toffs, _dot_onehot(tl.trans(tabs), onehot_k, zero, True, PREC), mask=tmask)
             if WANT_DADD:
-                tl.store(TG_h + 2 * C * C + toffs, tl.dot(tl.trans(tadd), onehot_k, input_precision=DM_PREC),
+                tl.store(TG_h + 2 * C * C + toffs, _dot_onehot(tl.trans(tadd), onehot_k, zero, True, PREC),
                          mask=tmask)
 
     smask = mask_n[:, None] & mask_d[None, :]
@@ -183,7 +232,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
 
 @triton.heuristics(FEATURE_FLAGS)
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
                    scale, qk_scale, wl, wr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh,
@@ -191,7 +240,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
                    HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                   DM_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.program_id(2)
@@ -216,13 +265,18 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
     do = _load_tile(DO + h * stride_doh, q_rows, stride_dot, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)
     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, offs_m, mask_m)
     if HAS_CLASSES:
-        dm = tl.load(DMASS + h * stride_dmh + q_rows[:, None] * C + offs_c[None, :],
-                     mask=mask_m[:, None] & (offs_c[None, :] < C), other=0.0)  # [BLOCK_M, CP]
+        dm_rows = DMASS + h * stride_dmh + q_rows * C  # [BLOCK_M] row starts of dmass
+        if MASS_DOT:
+            dm = tl.load(dm_rows[:, None] + offs_c[None, :], mask=mask_m[:, None] & (offs_c[None, :] < C),
+                         other=0.0)  # [BLOCK_M, CP]
     if HAS_RW:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_RW:
+        qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
+    abs_sign = tl.where(qk_scale > 0, 1.0, tl.where(qk_scale < 0, -1.0, 0.0))
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
 
@@ -233,30 +287,55 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, M
         if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
             masked = phase != 1  # the edge phases 0 and 2 mask scores
             start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+            if HAS_CLASSES:  # the class run of each block's first key, loaded one block ahead
+                run = tl.load(RUNS + k_start + start, mask=nblocks > 0, other=0)
             for b in range(nblocks):
-                cols = start + b * BLOCK_N + offs_n
+                j0 = start + b * BLOCK_N
+                cols = j0 + offs_n
                 kmask = cols < sk
                 # [BLOCK_N, BLOCK_D] tiles
                 k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                 v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)
-                idx = cols
                 if HAS_CLASSES:
-                    kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
-                    if HAS_RW:
-                        idx = qcls[:, None] * C + kcls[None, :]  # [BLOCK_M, BLOCK_N]
-                s, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale, MUL, ABS, ADD,
-                               masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                    one_class, c0 = _one_class(run, j0, sk, BLOCK_N)
+                    run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
+                t = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+                if HAS_RW:
+                    if one_class:
+                        f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
+                                                           HAS_ADD)
+                        z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
+                    else:
+                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                        z = _reweight(t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, ADD, C, False, HAS_MUL, HAS_ABS,
+                                      HAS_ADD)
+                else:
+                    z = t * qk_scale
+                z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
                 if HAS_CLASSES:
-                    if MASS_DOT:
-                        onehot = (kcls[:, None] == offs_c[None, :]).to(tl.float32)  # [BLOCK_N, CP]
-                        dp = tl.dot(dm, tl.trans(onehot), dp, input_precision=DM_PREC)
+                    if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
+                        ds = p * (dp - (di - tl.load(dm_rows + c0, mask=mask_m, other=0.0))[:, None])
+                        if HAS_RW:
+                            f_mul, f_abs, _ = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
+                                                           False)
+                            ds = ds * _slope_bcast(t, f_mul, f_abs * abs_sign, HAS_MUL, HAS_ABS)
                     else:
-                        for c in tl.static_range(C):
-                            dmc = tl.sum(tl.where(offs_c[None, :] == c, dm, 0.0), 1)
-                            dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
-                ds = _reweight_grad(p * (dp - di[:, None]), s, idx, MUL, ABS, HAS_RW, HAS_MUL, HAS_ABS)
+                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                        if MASS_DOT:
+                            onehot = kcls[:, None] == offs_c[None, :]  # [BLOCK_N, CP]
+                            dp = _dot_onehot(dm, tl.trans(onehot), dp, True, PREC)
+                        else:
+                            for c in tl.static_range(C):
+                                dmc = tl.load(dm_rows + c, mask=mask_m, other=0.0)
+                                dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
+                        ds = p * (dp - di[:, None])
+                        if HAS_RW:
+                            ds = _reweight_grad(ds, t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, C, False, HAS_MUL,
+                                                HAS_ABS)
+                else:
+                    ds = p * (dp - di[:, None])
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     tl.store(DQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -317,13 +396,13 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     prec = dot_precision(q.dtype)
     common = dict(
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DMASS=dmass, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
-        KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None, MUL=mul, ABS=abs_,
+        KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None,
+        RUNS=class_runs(key_class, cu_seqlens_k) if has_classes else None, MUL=mul, ABS=abs_,
         ADD=add, scale=float(scale), qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0), stride_doh=dout.stride(1),
         stride_lh=lse.stride(0), stride_dmh=dmass.stride(0) if has_classes else 0,
-        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec,
-        DM_PREC="ieee" if prec == "ieee" else "tf32x3", **launch_blocks())
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec, **launch_blocks())
 
     shape = (block_d, prec, has_classes, has_rw, q.element_size())
     key = (dim_bucket(block_d),) + shape[1:] + (str(q.device), tune_count())

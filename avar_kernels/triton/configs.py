@@ -33,7 +33,13 @@ def dim_bucket(block_d: int) -> int:
 
 
 def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool) -> list[tuple]:
-    """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'), best first."""
+    """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'), best first.
+
+    Measured on an H200 (bf16, D=128): the forward with masses is fastest at 128 x 64, 8 warps, 3 stages. The
+    other orders come from the sm_90a compile (bench/results/aot_triton.md): configs without register spills
+    first, the larger tile first among those; the autotuner (two configs by default) decides between the first
+    two on the device.
+    """
     dim = dim_bucket(block_d)
     if prec == "ieee":  # fp32: CUDA-core products, small tiles (a rare path; keeps compiles short)
         small = dim <= 128
@@ -42,52 +48,60 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
                 "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2)] if small else [(16, 32, 4, 2), (32, 32, 4, 2)]}[kernel]
     if kernel == "fwd":
         if dim <= 64:
+            if has_classes:
+                return [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
             return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
         if dim <= 128:
-            if has_classes:  # H200, D=128, bf16, masses: 128 x 64, 8 warps, 3 stages measured fastest
+            if has_classes:
                 return [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
-            return [(128, 128, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)]
-        return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 3)]
+            return [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+        if has_classes:
+            return [(64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2)]
+        return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)]
     if kernel == "dkdv":  # BLOCK_M = query rows per step, BLOCK_N = keys owned by the program
         if dim <= 64:
-            return [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
+            return [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
         if dim <= 128:
-            return [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]
-        return [(32, 64, 4, 2), (16, 64, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+            if has_rw:  # the table terms need the registers of a 32-row step
+                return [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3)]
+            return [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3)]
+        return [(16, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
     if dim <= 64:
-        return [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+        return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
     if dim <= 128:
-        return [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
-    return [(64, 32, 4, 2), (64, 16, 4, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+        if has_rw:
+            return [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3)]
+        return [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
+    if has_classes:
+        return [(32, 64, 8, 2), (16, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)]
+    return [(64, 32, 4, 2), (64, 16, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
 
 
 def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes: bool, has_rw: bool,
                   arch: int) -> int:
     """Bytes of shared memory a config needs, from above: tiles held for the whole program, `stages` buffers of
-    each pipelined load on sm_90 (wgmma), `stages - 1` before, class / table tiles, reduction scratch."""
-    bm, bn, _, stages = row
+    each pipelined load on sm_90 (wgmma), `stages - 1` before, the one-hot class tiles and the halves of the
+    operand they multiply (bf16; fp32 for fp32 inputs), reduction scratch. Table entries are loaded per row into
+    registers: no shared memory."""
+    bm, bn, warps, stages = row
     bufs = stages if arch >= 90 else stages - 1
-    f32 = 4
-    if kernel == "fwd":  # q held; K, V (and the key classes) pipelined
-        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm
-        if has_classes:
-            total += bufs * bn * 4 + bn * _CLASS_COLS * elem
-        if has_rw:  # the per-score table gather is pipelined like a load
-            total += bufs * bm * bn * f32
-        return total
-    if kernel == "dq":  # q, dO held; K, V pipelined; dmass and one-hot tiles in fp32 for the split products
-        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm
-        if has_classes:
-            total += 2 * bm * _CLASS_COLS * f32 + 3 * _CLASS_COLS * bn * f32 + bufs * bn * 4
-        if has_rw:
-            total += bufs * bm * bn * f32
-        return total
-    # dkdv: K, V held; q, dO, lse, delta pipelined
-    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * f32) + 8 * bn
+    # two warp groups sharing 64 rows split the columns and trade row statistics through shared memory (bounded
+    # by 32 B per head-dim column, fitted on the compiled kernels)
+    split = 32 * block_d if warps == 8 and bm <= 64 else 0
+    onehot = 2 if elem < 4 else 4  # bytes per element of a one-hot product's operands
+    if kernel == "fwd":  # q held; K, V pipelined; p @ onehot(key class) [BLOCK_N, CLASS_TILE]
+        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split
+        return total + (bn * _CLASS_COLS * onehot if has_classes else 0)
+    if kernel == "dq":  # q, dO held; K, V pipelined; dmass halves [BLOCK_M, CLASS_TILE] @ onehot^T
+        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split
+        return total + ((2 * bm + bn) * _CLASS_COLS * onehot if has_classes else 0)
+    # dkdv: K, V held; q, dO, lse, delta pipelined; onehot [BLOCK_N, CLASS_TILE] @ dmass halves^T; with tables, the
+    # table-gradient products' one-hot(query class) tiles and accumulators
+    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn
     if has_classes:
-        total += bn * _CLASS_COLS * f32 + bufs * bm * _CLASS_COLS * f32 + 2 * _CLASS_COLS * bm * f32
+        total += (bn + 2 * bm) * _CLASS_COLS * onehot
     if has_rw:
-        total += bufs * bm * bn * f32
+        total += (3 * bn + 2 * bm) * _CLASS_COLS * 4
     return total
 
 

@@ -6,6 +6,13 @@ and the window are compile-time flags derived from the arguments (an absent tens
 window side is -1), so plain attention pays nothing for them. The key loop runs in three phases: a masked
 phase at the left window edge, an unmasked interior and a masked phase at the right (causal) edge; fully
 masked key blocks are never visited.
+
+Classes come in runs (a VLM prompt: system text, image, user text, answer), so most key blocks hold one class.
+The host packs, per key, its class and the distance to the end of its class run (class_runs); per key block one
+scalar then says whether the block has one class c0. Such a block adds rowsum(p) to mass column c0 (no one-hot
+product) and scales its scores by per-row table entries T[qclass(i), c0] (one load per query row and block)
+instead of a per-score table lookup. Blocks with several classes take the general path: a one-hot product for
+the masses, table tiles spread from per-row entries by C selects.
 """
 from __future__ import annotations
 
@@ -22,8 +29,12 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Scores live in log2 units inside the kernels: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2.
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
-# Width of the one-hot class tiles fed to tl.dot: the smallest N and K of a tensor-core product.
+# Width of the one-hot class tiles fed to tl.dot (the smallest N and K of a tensor-core product), and of the
+# per-row table tiles; class ids (< 8) fit below it, which packs a key's class run as distance * CLASS_TILE + class.
 CLASS_TILE = tl.constexpr(16)
+# The interpreter multiplies bf16 tiles wrongly: there the bf16 halves of a split product are widened to fp32
+# before tl.dot (the same values, so the same sums up to their order).
+BF16_DOT_EMULATED = tl.constexpr(INTERPRET)
 
 # Masses: True accumulates them with a small tensor-core product p @ onehot(key class) [BLOCK_N, CLASS_TILE]
 # (the V-augmentation trick done in registers), False with C masked row reductions. Both are exact
@@ -73,15 +84,36 @@ def _head_table(T, h, C: tl.constexpr, HAS: tl.constexpr):
 
 
 @triton.jit
-def _reweight(s, idx, MUL, ABS, ADD, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
-    """s: scores in log2 units; idx: flat table offsets (same shape). Returns z' in log2 units."""
+def _table_tile(T, q_off, qmask, kcls, C: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    """T[qclass(i), kclass(j)] of a key block with several classes as a [rows, keys] tile ([keys, rows] if
+    KEYS_FIRST), from q_off = qclass(i) * C: one entry per row and class, spread by C selects (no per-score
+    lookup, so the tile keeps the scores' register layout)."""
+    for c in tl.static_range(C):
+        entry = tl.load(T + q_off + c, mask=qmask, other=0.0)  # [rows]
+        if KEYS_FIRST:
+            hit = kcls[:, None] == c
+            entry = entry[None, :]
+        else:
+            hit = kcls[None, :] == c
+            entry = entry[:, None]
+        if c == 0:
+            tile = tl.where(hit, entry, 0.0)
+        else:
+            tile = tl.where(hit, entry, tile)
+    return tile
+
+
+@triton.jit
+def _reweight(s, q_off, qmask, kcls, MUL, ABS, ADD, C: tl.constexpr, KEYS_FIRST: tl.constexpr, HAS_MUL: tl.constexpr,
+              HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
+    """z' in log2 units of the scores s (log2 units) of a key block with several classes (see _table_tile)."""
     z = s
     if HAS_MUL:
-        z += s * tl.load(MUL + idx)
+        z += s * _table_tile(MUL, q_off, qmask, kcls, C, KEYS_FIRST)
     if HAS_ABS:
-        z += tl.abs(s) * tl.load(ABS + idx)
+        z += tl.abs(s) * _table_tile(ABS, q_off, qmask, kcls, C, KEYS_FIRST)
     if HAS_ADD:
-        z += tl.load(ADD + idx) * LOG2E
+        z += _table_tile(ADD, q_off, qmask, kcls, C, KEYS_FIRST) * LOG2E
     return z
 
 
@@ -171,20 +203,73 @@ def _visible(rows, cols, sq, sk, wl, wr, HAS_WL: tl.constexpr, HAS_WR: tl.conste
 
 
 @triton.jit
-def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL, ABS, ADD, MASKED: tl.constexpr,
-            HAS_RW: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
-            HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, PREC: tl.constexpr):
-    """Scores of one tile, a @ b^T (q k^T or its transpose k q^T). idx, rows, cols: table offsets and the query
-    row / key col indices, broadcastable to the tile. Returns (s, z): s the raw scores in log2 units, z the
-    reweighted ones with invisible entries at -inf (only when MASKED)."""
-    s = tl.dot(a, tl.trans(b), input_precision=PREC) * qk_scale
-    z = s
-    if HAS_RW:
-        z = _reweight(s, idx, MUL, ABS, ADD, HAS_MUL, HAS_ABS, HAS_ADD)
+def _mask_scores(z, rows, cols, sq, sk, wl, wr, MASKED: tl.constexpr, HAS_WL: tl.constexpr, HAS_WR: tl.constexpr):
+    """z with the entries a query row does not see at -inf (only in the masked edge phases)."""
     if MASKED:
-        vis = _visible(rows, cols, sq, sk, wl, wr, HAS_WL, HAS_WR)
-        z = tl.where(vis, z, float("-inf"))
-    return s, z
+        z = tl.where(_visible(rows, cols, sq, sk, wl, wr, HAS_WL, HAS_WR), z, float("-inf"))
+    return z
+
+
+@triton.jit
+def _one_class(run, j0, sk, BLOCK: tl.constexpr):
+    """From the class run of key j0 (class_runs): (the keys j0 .. j0 + BLOCK - 1 below sk have one class, it)."""
+    return run // CLASS_TILE >= tl.minimum(BLOCK, sk - j0), run % CLASS_TILE
+
+
+@triton.jit
+def _row_entries(MUL, ABS, ADD, idx, rmask, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Each present table's entry at the flat offsets idx (one per query row), as [rows, 1]; 0.0 if absent."""
+    f_mul = tl.load(MUL + idx, mask=rmask, other=0.0)[:, None] if HAS_MUL else 0.0
+    f_abs = tl.load(ABS + idx, mask=rmask, other=0.0)[:, None] if HAS_ABS else 0.0
+    f_add = tl.load(ADD + idx, mask=rmask, other=0.0)[:, None] if HAS_ADD else 0.0
+    return f_mul, f_abs, f_add
+
+
+@triton.jit
+def _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr,
+                    HAS_ADD: tl.constexpr):
+    """z' in log2 units from raw products t = <q, k> of a one-class key block: the table entries f_* are the same
+    along the keys (broadcast over them), so they fold into the scale; ABS costs one multiply-add per score."""
+    if HAS_MUL:
+        z = t * (qk_scale * (1.0 + f_mul))
+    else:
+        z = t * qk_scale
+    if HAS_ABS:
+        z += tl.abs(t) * (qk_scale * f_abs)
+    if HAS_ADD:
+        z += f_add * LOG2E
+    return z
+
+
+@triton.jit
+def _bf16_halves(x):
+    """x (fp32) = hi + lo + O(2^-17 |x|), hi and lo bf16 (fp32 under the interpreter, see BF16_DOT_EMULATED)."""
+    hi = x.to(tl.bfloat16)
+    lo = (x - hi.to(tl.float32)).to(tl.bfloat16)
+    if BF16_DOT_EMULATED:
+        hi = hi.to(tl.float32)
+        lo = lo.to(tl.float32)
+    return hi, lo
+
+
+@triton.jit
+def _dot_onehot(x, onehot, acc, X_FIRST: tl.constexpr, PREC: tl.constexpr):
+    """acc + x @ onehot (X_FIRST) or acc + onehot @ x, for fp32 x and a 0/1 tile: the one-hot is exact in bf16, so
+    two bf16 products of x's halves give 16 significant bits (tf32x3 would take three tf32 products). fp32 inputs
+    (PREC "ieee"): one exact product."""
+    if PREC == "ieee":
+        if X_FIRST:
+            acc = tl.dot(x, onehot.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(onehot.to(tl.float32), x, acc, input_precision="ieee")
+    else:
+        hi, lo = _bf16_halves(x)
+        oh = onehot.to(hi.dtype)
+        if X_FIRST:
+            acc = tl.dot(lo, oh, tl.dot(hi, oh, acc))
+        else:
+            acc = tl.dot(oh, lo, tl.dot(oh, hi, acc))
+    return acc
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,7 +278,7 @@ def _scores(a, b, idx, rows, cols, sq, sk, wl, wr, qk_scale, MUL, ABS, ADD, MASK
 
 @triton.heuristics(FEATURE_FLAGS)
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
+def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
                 qk_scale, wl, wr,
                 stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
                 stride_lh, stride_mh,
@@ -228,6 +313,8 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_RW:
+        qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
 
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
@@ -243,34 +330,51 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, MUL, ABS, ADD,
         if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
             masked = phase != 1  # the edge phases 0 and 2 mask scores
             start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+            if HAS_CLASSES:  # the class run of each block's first key, loaded one block ahead
+                run = tl.load(RUNS + k_start + start, mask=nblocks > 0, other=0)
             for b in range(nblocks):
-                cols = start + b * BLOCK_N + offs_n
+                j0 = start + b * BLOCK_N
+                cols = j0 + offs_n
                 kmask = cols < sk
                 k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
-                idx = cols
                 if HAS_CLASSES:
-                    kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
-                    if HAS_RW:
-                        idx = qcls[:, None] * C + kcls[None, :]  # [BLOCK_M, BLOCK_N]
-                _, z = _scores(q, k, idx, offs_m[:, None], cols[None, :], sq, sk, wl, wr, qk_scale, MUL, ABS, ADD,
-                               masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                    one_class, c0 = _one_class(run, j0, sk, BLOCK_N)
+                    run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
+                t = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+                if HAS_RW:
+                    if one_class:
+                        f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
+                                                           HAS_ADD)
+                        z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
+                    else:
+                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                        z = _reweight(t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, ADD, C, False, HAS_MUL, HAS_ABS,
+                                      HAS_ADD)
+                else:
+                    z = t * qk_scale
+                z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
                 m_new = tl.maximum(m_i, tl.max(z, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.math.exp2(z - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
                 alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
+                p_sum = tl.sum(p, 1)
+                l_i = l_i * alpha + p_sum
                 acc = acc * alpha[:, None]
                 v = _load_tile(V_base, cols, stride_vt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
                 acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
                 if HAS_CLASSES:
                     acc_m = acc_m * alpha[:, None]
-                    if MASS_DOT:
-                        onehot = (kcls[:, None] == offs_c[None, :]).to(v.dtype)  # [BLOCK_N, CP]
-                        acc_m = tl.dot(p.to(v.dtype), onehot, acc_m, input_precision=PREC)
+                    if one_class:  # the whole row sum goes to c0's column
+                        acc_m += tl.where(offs_c[None, :] == c0, p_sum[:, None], 0.0)
                     else:
-                        for c in tl.static_range(C):
-                            pc = tl.sum(tl.where(kcls[None, :] == c, p, 0.0), 1)
-                            acc_m += tl.where(offs_c[None, :] == c, pc[:, None], 0.0)
+                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                        if MASS_DOT:
+                            onehot = (kcls[:, None] == offs_c[None, :]).to(v.dtype)  # [BLOCK_N, CP]
+                            acc_m = tl.dot(p.to(v.dtype), onehot, acc_m, input_precision=PREC)
+                        else:
+                            for c in tl.static_range(C):
+                                pc = tl.sum(tl.where(kcls[None, :] == c, p, 0.0), 1)
+                                acc_m += tl.where(offs_c[None, :] == c, pc[:, None], 0.0)
                 m_i = m_new
 
     empty = l_i == 0.0
@@ -303,6 +407,23 @@ def _get_fwd(block_d, prec, has_classes, has_rw, elem, device):
         configs = launch_configs("fwd", block_d, prec, has_classes, has_rw, elem, device)
         _fwd_tuned[key] = triton.autotune(configs=configs, key=TUNE_KEY)(_fwd_kernel)
     return _fwd_tuned[key]
+
+
+def class_runs(key_class: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Tensor:
+    """int32 [Tk]: per key, (keys from it to the end of its class run within its sequence) * CLASS_TILE + class.
+    On the device, without a host sync: a run starts where the class changes or a sequence starts, and a key's
+    run ends at the next start (a reverse cumulative minimum)."""
+    tk = key_class.numel()
+    if tk == 0:
+        return key_class.to(torch.int32)
+    idx = torch.arange(tk, device=key_class.device, dtype=torch.int32)
+    starts = torch.ones(tk, dtype=torch.bool, device=key_class.device)
+    starts[1:] = key_class[1:] != key_class[:-1]
+    # an empty sequence starting at tk marks the last key as a start: a shorter run, still a correct one
+    starts[cu_seqlens_k[:-1].clamp(max=tk - 1).long()] = True
+    next_start = torch.where(starts, idx, tk)[1:].flip(0).cummin(0).values.flip(0)
+    run_end = torch.cat([next_start, next_start.new_full((1,), tk)])
+    return ((run_end - idx) * CLASS_TILE.value + key_class).to(torch.int32)
 
 
 INTERPRET_BLOCKS = (16, 16)
@@ -338,6 +459,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     kern[grid](
         Q=q, K=k, V=v, O=out, LSE=lse, MASS=mass if has_classes else None, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
         KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None,
+        RUNS=class_runs(key_class, cu_seqlens_k) if has_classes else None,
         MUL=mul, ABS=abs_, ADD=add, qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
