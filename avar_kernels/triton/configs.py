@@ -13,11 +13,13 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 # Opt-in shared memory per block (bytes): H100 / H200 (sm_90), A100 (sm_80).
 SMEM_LIMIT = {90: 232_448, 80: 166_912}
-# Columns of a one-hot class tile (the smallest N and K of a tensor-core product); see fwd.CLASS_TILE.
-_CLASS_COLS = 16
+# Width of the one-hot class tiles fed to tl.dot (the smallest N and K of a tensor-core product); class ids (< 8)
+# fit below it, which packs a key's class run as distance * CLASS_TILE + class (fwd.class_runs).
+CLASS_TILE = tl.constexpr(16)
 
 
 def tune_count() -> int:
@@ -91,17 +93,17 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     onehot = 2 if elem < 4 else 4  # bytes per element of a one-hot product's operands
     if kernel == "fwd":  # q held; K, V pipelined; p @ onehot(key class) [BLOCK_N, CLASS_TILE]
         total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split
-        return total + (bn * _CLASS_COLS * onehot if has_classes else 0)
+        return total + (bn * CLASS_TILE.value * onehot if has_classes else 0)
     if kernel == "dq":  # q, dO held; K, V pipelined; dmass halves [BLOCK_M, CLASS_TILE] @ onehot^T
         total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split
-        return total + ((2 * bm + bn) * _CLASS_COLS * onehot if has_classes else 0)
+        return total + ((2 * bm + bn) * CLASS_TILE.value * onehot if has_classes else 0)
     # dkdv: K, V held; q, dO, lse, delta pipelined; onehot [BLOCK_N, CLASS_TILE] @ dmass halves^T; with tables, the
     # table-gradient products' one-hot(query class) tiles and accumulators
     total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn
     if has_classes:
-        total += (bn + 2 * bm) * _CLASS_COLS * onehot
+        total += (bn + 2 * bm) * CLASS_TILE.value * onehot
     if has_rw:
-        total += (3 * bn + 2 * bm) * _CLASS_COLS * 4
+        total += (3 * bn + 2 * bm) * CLASS_TILE.value * 4
     return total
 
 

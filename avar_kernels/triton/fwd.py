@@ -23,15 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import dim_bucket, launch_configs, tune_count
+from .configs import CLASS_TILE, dim_bucket, launch_configs, tune_count
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Scores live in log2 units inside the kernels: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2.
 LOG2E = tl.constexpr(math.log2(math.e))
 LN2 = tl.constexpr(math.log(2.0))
-# Width of the one-hot class tiles fed to tl.dot (the smallest N and K of a tensor-core product), and of the
-# per-row table tiles; class ids (< 8) fit below it, which packs a key's class run as distance * CLASS_TILE + class.
-CLASS_TILE = tl.constexpr(16)
 # The interpreter multiplies bf16 tiles wrongly: there the bf16 halves of a split product are widened to fp32
 # before tl.dot (the same values, so the same sums up to their order).
 BF16_DOT_EMULATED = tl.constexpr(INTERPRET)
