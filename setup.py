@@ -2,10 +2,9 @@
 import glob
 import os
 
-from setuptools import setup
-from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDA_HOME
-
 import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

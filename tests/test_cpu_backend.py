@@ -3,7 +3,6 @@
 Run also with small blocks to exercise the multi-block paths on short sequences:
     AVAR_CPU_FWD_QBLOCK=16 AVAR_CPU_FWD_KBLOCK=32 AVAR_CPU_BWD_QBLOCK=16 AVAR_CPU_BWD_KBLOCK=32 pytest tests/test_cpu_backend.py
 """
-import math
 
 import pytest
 import torch
