@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import os
 import re
 import sys
@@ -139,9 +140,9 @@ def collect(archs, dims, kernels, variants, jobs, rows=None):
                          any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
                 for cfg in rows or triton_configs.candidate_rows(name, *shape):
                     for arch in archs:
-                        est = triton_configs.smem_estimate(name, cfg, shape[0], kwargs["Q"].element_size(),
-                                                           *shape[2:], arch)
-                        keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg, est=est))
+                        keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg,
+                                         block_d=shape[0], elem=kwargs["Q"].element_size(), has_classes=shape[2],
+                                         has_rw=shape[3]))
                         work.append((name, cfg, kwargs, arch))
     print(f"{len(work)} compiles", file=sys.stderr)
     rows = []
@@ -150,6 +151,13 @@ def collect(archs, dims, kernels, variants, jobs, rows=None):
             rows.append(row)
             print(f"[{i + 1}/{len(work)}] {keys[i]} {row}", file=sys.stderr, flush=True)
     return [{**key, **row} for key, row in zip(keys, rows)]
+
+
+def with_estimates(rows):
+    """Each row with the backend's current shared-memory estimate of its config ('est')."""
+    return [{**r, "config": tuple(r["config"]),
+             "est": triton_configs.smem_estimate(r["kernel"], tuple(r["config"]), r["block_d"], r["elem"],
+                                                 r["has_classes"], r["has_rw"], r["arch"])} for r in rows]
 
 
 def markdown(rows, title):
@@ -195,13 +203,22 @@ def main(argv=None):
                         help="compile these configs instead of the backend's lists (to try candidates)")
     parser.add_argument("--title", default="Triton kernels compiled ahead of time")
     parser.add_argument("--out", type=Path, help="also write the markdown table here")
+    parser.add_argument("--json", type=Path, help="also write the compiled figures here (JSON rows)")
+    parser.add_argument("--from-json", type=Path, help="render rows written by --json instead of compiling "
+                        "(the estimates are recomputed with the backend as it is now)")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
-    rows = collect(args.arch, args.dims, args.kernels, args.variants, args.jobs,
-                   [tuple(int(x) for x in c.split("x")) for c in args.configs] if args.configs else None)
-    text = markdown(rows, args.title)
+    if args.from_json:
+        rows = json.loads(args.from_json.read_text())
+    else:
+        rows = collect(args.arch, args.dims, args.kernels, args.variants, args.jobs,
+                       [tuple(int(x) for x in c.split("x")) for c in args.configs] if args.configs else None)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(rows, indent=0))
+    text = markdown(with_estimates(rows), args.title)
+    seconds = sum(r.get("seconds", 0.0) for r in rows)
     text += f"\n`python bench/aot_triton.py {' '.join(argv if argv is not None else sys.argv[1:])}` " \
-            f"({len(rows)} compiles, {time.perf_counter() - start:.0f} s)\n"
+            f"({len(rows)} compiles, {seconds:.0f} s of compiling)\n"
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -83,23 +83,25 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
                   arch: int) -> int:
     """Bytes of shared memory a config needs, from above: tiles held for the whole program, `stages` buffers of
     each pipelined load on sm_90 (wgmma), `stages - 1` before, the one-hot class tiles and the halves of the
-    operand they multiply (bf16; fp32 for fp32 inputs), reduction scratch. Table entries are loaded per row into
-    registers: no shared memory."""
+    operand they multiply (bf16; fp32 for fp32 inputs), reduction and layout-conversion scratch. Table entries are
+    loaded per row into registers: no shared memory."""
     bm, bn, warps, stages = row
     bufs = stages if arch >= 90 else stages - 1
+    # before sm_90 (mma.sync) a score tile changes register layout through shared memory, and dq's dmass too
+    relayout = 0 if arch >= 90 else bm * bn * 4 + (bm * CLASS_TILE.value * 4 if has_classes else 0)
     # two warp groups sharing 64 rows split the columns and trade row statistics through shared memory (bounded
     # by 32 B per head-dim column, fitted on the compiled kernels)
     split = 32 * block_d if warps == 8 and bm <= 64 else 0
     onehot = 2 if elem < 4 else 4  # bytes per element of a one-hot product's operands
     if kernel == "fwd":  # q held; K, V pipelined; p @ onehot(key class) [BLOCK_N, CLASS_TILE]
-        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split
+        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout
         return total + (bn * CLASS_TILE.value * onehot if has_classes else 0)
     if kernel == "dq":  # q, dO held; K, V pipelined; dmass halves [BLOCK_M, CLASS_TILE] @ onehot^T
-        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split
+        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout
         return total + ((2 * bm + bn) * CLASS_TILE.value * onehot if has_classes else 0)
     # dkdv: K, V held; q, dO, lse, delta pipelined; onehot [BLOCK_N, CLASS_TILE] @ dmass halves^T; with tables, the
     # table-gradient products' one-hot(query class) tiles and accumulators
-    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn
+    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn + relayout
     if has_classes:
         total += (bn + 2 * bm) * CLASS_TILE.value * onehot
     if has_rw:
