@@ -1,43 +1,36 @@
-"""Builds the C++ CPU kernels (always) and the CUDA decode kernels (when nvcc and a CUDA torch exist)."""
+"""Builds the C++ CPU kernels (always) and the CUDA decode kernels (when nvcc and a CUDA torch exist).
+
+CPU instruction sets, chosen at run time: csrc/cpu/attention.cpp is compiled twice, as ``avar_kernels._C``
+(portable: the compiler's default target, no -march, so it runs on any CPU of the architecture) and, on x86-64,
+as ``avar_kernels._C_avx2`` (AVX2 + FMA + F16C, ATen's AVX2 vector path). ``avar_kernels.cpu`` loads
+``_C_avx2`` when torch reports an AVX2 or AVX-512 CPU (``torch.backends.cpu.get_cpu_capability()``, which honours
+``ATEN_CPU_CAPABILITY=default``) and ``_C`` otherwise. Nothing is read from the build machine's CPU, so a wheel
+built on one x86-64 machine runs on another. BLAS (MKL / OpenBLAS inside torch) picks its own kernels at run time.
+"""
 import glob
 import os
+import platform
 
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+CPU_SOURCES = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+# -ffp-contract=off: no fused multiply-adds the source did not ask for, so that the same expression inlined in the
+# forward and in the backward rounds the same way (the backward recomputes the forward's scores bit for bit).
+CPU_FLAGS = ["-O3", "-std=c++17", "-ffp-contract=off", "-fopenmp"]
+AVX2_FLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
 
 
-def _openmp_flags():
-    return ["-fopenmp"], ["-fopenmp"]
-
-
-def _simd_flags():
-    """AVX2 + FMA (and at::vec's AVX2 path) when the build machine has them; plain x86-64-v2 otherwise.
-
-    Set AVAR_CPU_SIMD=generic to build a portable extension on an AVX2 machine.
-    """
-    if os.environ.get("AVAR_CPU_SIMD", "auto") == "generic":
-        return ["-march=x86-64-v2"]
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return ["-march=x86-64-v2"]
-    if " avx2" in flags and " fma" in flags:
-        return ["-march=x86-64-v2", "-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
-    return ["-march=x86-64-v2"]
-
-
-def cpu_extension():
-    cflags, lflags = _openmp_flags()
-    return CppExtension(
-        name="avar_kernels._C",
-        sources=sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp"))),
-        extra_compile_args={"cxx": ["-O3", "-std=c++17", *_simd_flags(), *cflags]},
-        extra_link_args=lflags,
-    )
+def cpu_extensions():
+    """The portable build, and on x86-64 the AVX2 build of the same source."""
+    exts = [CppExtension(name="avar_kernels._C", sources=CPU_SOURCES, extra_compile_args={"cxx": CPU_FLAGS},
+                         extra_link_args=["-fopenmp"])]
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        exts.append(CppExtension(name="avar_kernels._C_avx2", sources=CPU_SOURCES,
+                                 extra_compile_args={"cxx": CPU_FLAGS + AVX2_FLAGS}, extra_link_args=["-fopenmp"]))
+    return exts
 
 
 def cuda_extension():
@@ -60,6 +53,18 @@ def cuda_extension():
     )
 
 
-ext_modules = [e for e in (cpu_extension(), cuda_extension()) if e is not None]
+class BuildPerExtension(BuildExtension):
+    """Compiles each extension's objects in a directory of its own: _C and _C_avx2 share their source file."""
 
-setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildExtension})
+    def build_extension(self, ext):
+        build_temp = self.build_temp
+        self.build_temp = os.path.join(build_temp, ext.name)
+        try:
+            super().build_extension(ext)
+        finally:
+            self.build_temp = build_temp
+
+
+ext_modules = [*cpu_extensions(), *[e for e in (cuda_extension(),) if e is not None]]
+
+setup(ext_modules=ext_modules, cmdclass={"build_ext": BuildPerExtension})

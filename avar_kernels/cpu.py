@@ -1,21 +1,37 @@
-"""The C++ CPU backend (``avar_kernels._C``): a thin wrapper that follows docs/backends.md.
+"""The C++ CPU backend (``avar_kernels._C`` / ``_C_avx2``): a thin wrapper that follows docs/backends.md.
 
 The kernel itself computes in float32 or float64; fp16 / bf16 inputs are converted to float32 here and
 the outputs cast back (out, dq, dk, dv to the input dtype; lse and mass stay float32).
+
+Two builds of the same source (see setup.py): ``_C_avx2`` (AVX2 + FMA) is loaded when torch reports an AVX2 or
+AVX-512 CPU, the portable ``_C`` otherwise (or with ``ATEN_CPU_CAPABILITY=default``); ``VARIANT`` names the one
+in use.
 """
 from __future__ import annotations
+
+import importlib
 
 import torch
 
 _BUILD_HINT = ("the avar-kernels C++ CPU extension (avar_kernels._C) is not built: "
                "run `pip install -e .` or `python setup.py build_ext --inplace` in the repository root")
 
-try:  # pragma: no cover - depends on the build
-    from avar_kernels import _C  # type: ignore[attr-defined]
-    _IMPORT_ERROR = None
-except ImportError as exc:  # pragma: no cover
-    _C = None
-    _IMPORT_ERROR = exc
+
+def _load():
+    """(module, variant name, import error): the AVX2 build where the CPU runs it, else the portable one."""
+    names = ["_C"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        names.insert(0, "_C_avx2")
+    error = None
+    for name in names:
+        try:
+            return importlib.import_module(f"avar_kernels.{name}"), name, None
+        except ImportError as exc:  # pragma: no cover - depends on the build
+            error = error or exc
+    return None, None, error
+
+
+_C, VARIANT, _IMPORT_ERROR = _load()
 
 
 class CpuExtensionNotBuilt(ImportError):

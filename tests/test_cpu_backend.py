@@ -1,7 +1,7 @@
 """The C++ CPU backend against the plain-PyTorch reference, at the backend-contract level (packed form).
 
-Run also with small blocks to exercise the multi-block paths on short sequences:
-    AVAR_CPU_FWD_QBLOCK=16 AVAR_CPU_FWD_KBLOCK=32 AVAR_CPU_BWD_QBLOCK=16 AVAR_CPU_BWD_KBLOCK=32 pytest tests/test_cpu_backend.py
+Run also with small tiles to exercise the multi-tile paths on short sequences:
+    AVAR_CPU_QBLOCK=16 AVAR_CPU_KBLOCK=32 pytest tests/test_cpu_backend.py
 """
 
 import pytest

@@ -2,27 +2,39 @@
 //
 // Implements the backend contract of docs/backends.md in the packed (varlen) layout:
 //   q [Tq, Hq, D], k/v [Tk, Hk, D], cu_seqlens_q/k int32 [N + 1].
-// Forward: online softmax over key blocks (FlashAttention-2 style), block products through
-// at::native::cpublas::gemm reading q/k/v rows in place (leading dimension H * D), row max / exp / sums
-// with at::vec::Vectorized. The per-class masses are per-row accumulators rescaled exactly like the
-// softmax denominator; they are taken as sums of P over runs of equal key class in each key block, so
-// the row sum is the sum of the run sums and the masses cost almost nothing.
-// Backward: P recomputed from lse per (q block, k block); parallel over (sequence, query head); key
-// blocks outer with local dK/dV accumulators, query blocks inner; dk/dv go to per-query-head buffers
-// that are summed over the heads of each kv group at the end (deterministic, no atomics).
-// Optional table gradients (a learned MUL / ABS / ADD, SPEC 3): dZ' is reduced per (query row class, key
-// class run) inside each block into a per-task [3, C, C] float64 accumulator, written per (sequence, head)
-// and summed over the sequences at the end (deterministic, no atomics); nothing of it runs unless asked.
+//
+// Tiles. Both passes walk one grid of [kBlocks.q queries x kBlocks.k keys] tiles per (sequence, head), aligned
+// to the sequence start, and compute a tile's scores with the same BLAS call (same shape, operands, leading
+// dimension), trimmed to the keys the tile's queries can see by a rule that depends on the tile only. The
+// backward therefore recomputes the forward's scores bit for bit, whatever the block sizes: with large logits a
+// one-ulp difference in a row's top score would move its P by about |z| * 2^-24.
+//
+// Classes. Tiles are stored key-major (one row per key, its queries contiguous), so a vector spans queries of one
+// key and the key's class is one index per tile row: the per-class sums of P (the masses) are per-(class, query)
+// accumulators that the exp pass adds to at that index, rescaled like the softmax denominator; the backward adds
+// dmass[i, class(j)] - delta_i from a per-(class, query) table; the re-weighting reads per-(class, query) tables.
+// The work is the same for every class layout, contiguous spans or one class drawn per token, and the same as
+// without classes (one accumulator). Table gradients (a learned MUL / ABS / ADD) are summed per (query, key class)
+// in each tile, then per query class into a per-(sequence, head) float64 accumulator, summed over the sequences
+// at the end (deterministic, no atomics), and computed only when asked.
+//
+// Parallel over (sequence, head, query tile) in the forward and (sequence, head) in the backward, with key
+// blocks outer, local dK/dV accumulators and query tiles inner; dk/dv go to per-query-head buffers summed over
+// the heads of each kv group at the end.
+//
+// Non-finite inputs propagate as in the float64 reference: a NaN or +inf score among a row's visible keys makes
+// the row's out, mass and lse NaN and its gradients NaN. Only a row with no visible key (or only -inf scores)
+// gets out = 0, mass = 0, lse = -inf.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <vector>
 
 // Fortran BLAS, exported by libtorch_cpu (MKL or OpenBLAS). at::native::cpublas::gemm would be the
@@ -39,43 +51,69 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 namespace avar {
 namespace {
 
-enum class TransposeType { NoTranspose, Transpose };
-
-// Column-major C[m x n] = alpha * op(A) op(B) + beta * C (BLAS semantics).
-inline void blas_gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, float alpha,
-                      const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const char cta = ta == TransposeType::Transpose ? 'T' : 'N', ctb = tb == TransposeType::Transpose ? 'T' : 'N';
+// Column-major C[m x n] = alpha * op(A) op(B) + beta * C (BLAS semantics); trans_a / trans_b: 'N' or 'T'.
+inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   const int im = (int)m, in = (int)n, ik = (int)k, ila = (int)lda, ilb = (int)ldb, ilc = (int)ldc;
-  sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+  sgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
 }
-inline void blas_gemm(TransposeType ta, TransposeType tb, int64_t m, int64_t n, int64_t k, double alpha,
-                      const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
-                      int64_t ldc) {
-  const char cta = ta == TransposeType::Transpose ? 'T' : 'N', ctb = tb == TransposeType::Transpose ? 'T' : 'N';
+inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+                      const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   const int im = (int)m, in = (int)n, ik = (int)k, ila = (int)lda, ilb = (int)ldb, ilc = (int)ldc;
-  dgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
+  dgemm_(&ta, &tb, &im, &in, &ik, &alpha, a, &ila, b, &ilb, &beta, c, &ilc);
 }
 using at::vec::Vectorized;
 
 constexpr int64_t kMaxClasses = 8;
+constexpr int64_t kAlign = 16;  // score rows are padded to a multiple of this (>= every vector width)
+
+template <typename T>
+constexpr T kInf = std::numeric_limits<T>::infinity();
+template <typename T>
+constexpr T kNaN = std::numeric_limits<T>::quiet_NaN();
+
+inline int64_t round_down(int64_t x, int64_t m) { return x / m * m; }
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ----------------------------------------------------------------------------------------------
-// Block sizes (measured on a 2-core AVX2 machine, D = 128, fp32).
+// Tile sizes (measured on a 2-core AVX-512 machine, D = 128, fp32; see the note in the README).
 // ----------------------------------------------------------------------------------------------
-// Overridable for tuning with AVAR_CPU_{FWD,BWD}_{Q,K}BLOCK.
-inline int64_t env_or(const char* name, int64_t dflt) {
-  const char* s = std::getenv(name);
-  if (!s) return dflt;
-  const long v = std::strtol(s, nullptr, 10);
-  return v > 0 ? v : dflt;
+struct Blocks {
+  int64_t q = 128, k = 512;
+  std::string error;  // set when the environment asks for something this build does not do
+};
+
+// AVAR_CPU_QBLOCK / AVAR_CPU_KBLOCK override the tile for tuning and for tests of the multi-tile paths.
+// The former per-pass variables are refused: forward and backward must share one tile grid.
+Blocks read_blocks() {
+  Blocks b;
+  for (const char* old : {"AVAR_CPU_FWD_QBLOCK", "AVAR_CPU_FWD_KBLOCK", "AVAR_CPU_BWD_QBLOCK", "AVAR_CPU_BWD_KBLOCK"}) {
+    if (std::getenv(old)) {
+      b.error = std::string("avar cpu: ") + old +
+                " is no longer read: forward and backward share one tile grid so that the backward recomputes the "
+                "forward's scores bit for bit; set AVAR_CPU_QBLOCK / AVAR_CPU_KBLOCK instead";
+      return b;
+    }
+  }
+  auto read = [&](const char* name, int64_t& dst) {
+    const char* s = std::getenv(name);
+    if (!s || !b.error.empty()) return;
+    char* end = nullptr;
+    const long v = std::strtol(s, &end, 10);
+    if (end == s || *end != '\0' || v < 1 || v > 4096) {
+      b.error = std::string("avar cpu: ") + name + " must be an integer in [1, 4096], got '" + s + "'";
+      return;
+    }
+    dst = v;
+  };
+  read("AVAR_CPU_QBLOCK", b.q);
+  read("AVAR_CPU_KBLOCK", b.k);
+  return b;
 }
-const int64_t kFwdQBlock = env_or("AVAR_CPU_FWD_QBLOCK", 256);
-const int64_t kFwdKBlock = env_or("AVAR_CPU_FWD_KBLOCK", 512);
-const int64_t kBwdQBlock = env_or("AVAR_CPU_BWD_QBLOCK", 128);
-const int64_t kBwdKBlock = env_or("AVAR_CPU_BWD_KBLOCK", 128);
+const Blocks kBlocks = read_blocks();
 
 // ----------------------------------------------------------------------------------------------
-// Vectorized helpers.
+// Vector helpers. Row lengths handed to them are multiples of the vector width.
 // ----------------------------------------------------------------------------------------------
 template <typename T>
 inline Vectorized<T> vexp(const Vectorized<T>& x) {
@@ -83,59 +121,7 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
 }
 template <>
 inline Vectorized<float> vexp<float>(const Vectorized<float>& x) {
-  return x.exp_u20();
-}
-
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  using V = Vectorized<T>;
-  T r = -std::numeric_limits<T>::infinity();
-  int64_t i = 0;
-  if (n >= V::size()) {
-    V m = V::loadu(x);
-    for (i = V::size(); i + V::size() <= n; i += V::size()) m = at::vec::maximum(m, V::loadu(x + i));
-    alignas(64) T buf[V::size()];
-    m.store(buf);
-    for (int64_t t = 0; t < V::size(); ++t) r = std::max(r, buf[t]);
-  }
-  for (; i < n; ++i) r = std::max(r, x[i]);
-  return r;
-}
-
-// x[i] = exp(x[i] - m) in place; returns the sum.
-template <typename T>
-inline T exp_sum(T* x, int64_t n, T m) {
-  using V = Vectorized<T>;
-  const V vm(m);
-  V acc(T(0));
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) {
-    V e = vexp<T>(V::loadu(x + i) - vm);
-    e.store(x + i);
-    acc = acc + e;
-  }
-  T r = T(0);
-  if (i > 0) {
-    alignas(64) T buf[V::size()];
-    acc.store(buf);
-    for (int64_t t = 0; t < V::size(); ++t) r += buf[t];
-  }
-  for (; i < n; ++i) {
-    T e = std::exp(x[i] - m);
-    x[i] = e;
-    r += e;
-  }
-  return r;
-}
-
-// x[i] = exp(x[i] - m) in place (m finite).
-template <typename T>
-inline void exp_sub(T* x, int64_t n, T m) {
-  using V = Vectorized<T>;
-  const V vm(m);
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) vexp<T>(V::loadu(x + i) - vm).store(x + i);
-  for (; i < n; ++i) x[i] = std::exp(x[i] - m);
+  return x.exp_u20();  // exp(-inf) = 0; never called on NaN (such rows take the scalar path)
 }
 
 template <typename T>
@@ -147,104 +133,22 @@ inline void scale_inplace(T* x, int64_t n, T s) {
   for (; i < n; ++i) x[i] *= s;
 }
 
-// z' = z * (1 + mu) + ab * |z| + ad over [0, n).
 template <typename T>
-inline void reweight(T* z, int64_t n, T mu1, T ab, T ad) {
-  using V = Vectorized<T>;
-  const V vmu(mu1), vab(ab), vad(ad);
-  int64_t i = 0;
-  if (ab != T(0)) {
-    for (; i + V::size() <= n; i += V::size()) {
-      V x = V::loadu(z + i);
-      (x * vmu + x.abs() * vab + vad).store(z + i);
-    }
-    for (; i < n; ++i) z[i] = z[i] * mu1 + ab * std::abs(z[i]) + ad;
-  } else {
-    for (; i + V::size() <= n; i += V::size()) (V::loadu(z + i) * vmu + vad).store(z + i);
-    for (; i < n; ++i) z[i] = z[i] * mu1 + ad;
-  }
-}
-
-// g = (1 + mu) + ab * sign(z), then z' = z * (1 + mu) + ab * |z| + ad, over [0, n).
-template <typename T>
-inline void reweight_grad(T* z, T* g, int64_t n, T mu1, T ab, T ad) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T x = z[i];
-    const T sg = x > T(0) ? T(1) : (x < T(0) ? T(-1) : T(0));
-    g[i] = mu1 + ab * sg;
-    z[i] = x * mu1 + ab * std::abs(x) + ad;
-  }
-}
-
-// ds[i] = p[i] * (dp[i] + c) over [0, n), in place in dp.
-template <typename T>
-inline void ds_run(const T* p, T* dp, int64_t n, T c) {
-  using V = Vectorized<T>;
-  const V vc(c);
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) (V::loadu(p + i) * (V::loadu(dp + i) + vc)).store(dp + i);
-  for (; i < n; ++i) dp[i] = p[i] * (dp[i] + c);
-}
-
-// Sums over [0, n) of ds (-> s[2], dADD), ds * z (-> s[0], dMUL) and ds * |z| (-> s[1], dABS), each only
-// when asked; z is the raw scaled score (needed only for the first two).
-template <typename T>
-inline void table_sums(const T* ds, const T* z, int64_t n, bool wm, bool wa, bool wd, T* s) {
-  using V = Vectorized<T>;
-  V vm(T(0)), va(T(0)), vd(T(0));
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) {
-    const V x = V::loadu(ds + i);
-    if (wd) vd = vd + x;
-    if (wm || wa) {
-      const V zz = V::loadu(z + i);
-      if (wm) vm = vm + x * zz;
-      if (wa) va = va + x * zz.abs();
-    }
-  }
-  alignas(64) T bm[V::size()], ba[V::size()], bd[V::size()];
-  vm.store(bm);
-  va.store(ba);
-  vd.store(bd);
-  T rm = T(0), ra = T(0), rd = T(0);
-  for (int64_t t = 0; t < V::size(); ++t) {
-    rm += bm[t];
-    ra += ba[t];
-    rd += bd[t];
-  }
-  for (; i < n; ++i) {
-    if (wd) rd += ds[i];
-    if (wm) rm += ds[i] * z[i];
-    if (wa) ra += ds[i] * std::abs(z[i]);
-  }
-  s[0] = rm;
-  s[1] = ra;
-  s[2] = rd;
-}
-
-template <typename T>
-inline void mul_inplace(T* x, const T* g, int64_t n) {
-  using V = Vectorized<T>;
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) (V::loadu(x + i) * V::loadu(g + i)).store(x + i);
-  for (; i < n; ++i) x[i] *= g[i];
+inline void fill(T* x, int64_t from, int64_t to, T value) {
+  if (to > from) std::fill(x + from, x + to, value);
 }
 
 // ----------------------------------------------------------------------------------------------
-// Shared problem description.
+// Problem description.
 // ----------------------------------------------------------------------------------------------
-struct Run {
-  int64_t start, end;  // local to the key block
-  int cls;             // -1 when there are no classes
-};
-
 struct Problem {
   int64_t hq, hk, group, d;
   int64_t num_seqs;
   const int32_t* cu_q;
   const int32_t* cu_k;
-  const int32_t* key_class;    // may be null
-  const int32_t* query_class;  // may be null
+  const int32_t* key_class;    // valid when C > 0 and Tk > 0
+  const int32_t* query_class;  // valid when has_query_class and Tq > 0
+  bool has_query_class;
   int64_t C;
   const float* mul;
   const float* abs_;
@@ -260,29 +164,151 @@ struct Problem {
   inline int64_t hi(int64_t i, int64_t sq, int64_t sk) const {
     return wr < 0 ? sk - 1 : std::min<int64_t>(sk - 1, i + sk - sq + wr);
   }
-  inline float tab(const float* t, int64_t h, int a, int b) const {
-    return t ? t[(h * C + a) * C + b] : 0.f;
+  inline float tab(const float* t, int64_t h, int a, int b) const { return t ? t[(h * C + a) * C + b] : 0.f; }
+};
+
+// ----------------------------------------------------------------------------------------------
+// Key-major tiles.
+// ----------------------------------------------------------------------------------------------
+// A tile holds the scores of queries [i0, i0 + nq) against the keys [j0 + c0, j0 + c1) of the key block at j0,
+// key-major: row c (key j0 + c) holds the nq queries contiguously, leading dimension ldt = kBlocks.q rounded up
+// to kAlign. A vector thus covers several queries of one key: whatever depends on the key's class (the mass it
+// adds to, dmass, the re-weighting) is one scalar index per tile row, the same work for any class layout.
+// Rows' online-softmax state (max, per-class sums) are arrays over the queries, updated a vector at a time.
+constexpr int64_t kRowVecs = 4;  // query vectors processed together along a key loop (independent chains)
+
+// Keys [c0, c1) of block j0 whose scores a tile computes: what its queries can see. Both passes use this rule,
+// so a tile's score product is the same call in the forward and the backward.
+struct TileCols {
+  int64_t c0, c1;
+};
+inline TileCols tile_cols(const Problem& P, int64_t j0, int64_t nk, int64_t i0, int64_t i1, int64_t sq, int64_t sk) {
+  return {std::max<int64_t>(P.lo(i0, sq, sk) - j0, 0), std::min<int64_t>(P.hi(i1 - 1, sq, sk) - j0 + 1, nk)};
+}
+
+// Sets the tile's entries that a query does not see (and the padding queries [nq, nqp)) to `value`: for each key,
+// the queries that see it are a range (both window edges are monotone in the query).
+template <typename T>
+inline void mask_tile(const Problem& P, T* St, int64_t ldt, int64_t j0, int64_t c0, int64_t c1, int64_t off,
+                      int64_t i0, int64_t nq, int64_t nqp, T value) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t j = j0 + c;
+    int64_t r0 = P.wr < 0 ? 0 : std::max<int64_t>(0, j - off - P.wr - i0);
+    int64_t r1 = P.wl < 0 ? nq : std::min<int64_t>(nq, j - off + P.wl - i0 + 1);
+    T* row = St + c * ldt;
+    if (r1 <= r0) r0 = r1 = 0;
+    fill(row, 0, r0, value);
+    fill(row, r1, nqp, value);
+  }
+}
+
+// Per-class tables of a tile's queries, key-class-major: t[c * ldt + r] = TABLE[h, class(query r), c].
+template <typename T>
+struct TileTables {
+  std::vector<T> mul, abs_, add;
+  bool any[kMaxClasses];  // a nonzero entry for key class c in some query's row
+  void fill_rows(const Problem& P, int64_t h, const int32_t* qcls, int64_t nq, int64_t ldt) {
+    const int64_t C = P.C;
+    mul.assign(C * ldt, T(0));
+    abs_.assign(C * ldt, T(0));
+    add.assign(C * ldt, T(0));
+    for (int64_t c = 0; c < C; ++c) {
+      any[c] = false;
+      for (int64_t r = 0; r < nq; ++r) {
+        mul[c * ldt + r] = P.tab(P.mul, h, qcls[r], (int)c);
+        abs_[c * ldt + r] = P.tab(P.abs_, h, qcls[r], (int)c);
+        add[c * ldt + r] = P.tab(P.add, h, qcls[r], (int)c);
+        any[c] = any[c] || mul[c * ldt + r] != T(0) || abs_[c * ldt + r] != T(0) || add[c * ldt + r] != T(0);
+      }
+    }
   }
 };
 
-// Runs of equal key class in keys [k0, k1) of the packed key array (global indices).
-inline void build_runs(const Problem& P, int64_t k0, int64_t k1, std::vector<Run>& runs) {
-  runs.clear();
-  if (!P.key_class) {
-    runs.push_back({0, k1 - k0, -1});
-    return;
-  }
-  int64_t s = k0;
-  int cur = P.key_class[k0];
-  for (int64_t j = k0 + 1; j < k1; ++j) {
-    const int c = P.key_class[j];
-    if (c != cur) {
-      runs.push_back({s - k0, j - k0, cur});
-      s = j;
-      cur = c;
+// z' = z + z * mul + |z| * abs + add (the reference's order), only the present tables' terms; with g, also
+// dz'/dz = 1 + mul + abs * sign(z). Rows of key classes whose entries are all zero are left as they are (g = 1).
+template <typename T>
+inline void reweight_tile(const Problem& P, const TileTables<T>& tt, const int32_t* kcls, T* St, T* G, int64_t ldt,
+                          int64_t c0, int64_t c1, int64_t nqp) {
+  using V = Vectorized<T>;
+  const bool hm = P.mul, ha = P.abs_, hd = P.add;
+  const V one(T(1)), zero(T(0));
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t cls = kcls[c];
+    T* z = St + c * ldt;
+    T* g = G ? G + c * ldt : nullptr;
+    if (!tt.any[cls]) {
+      if (g) fill(g, 0, nqp, T(1));
+      continue;
+    }
+    const T* tm = tt.mul.data() + cls * ldt;
+    const T* ta = tt.abs_.data() + cls * ldt;
+    const T* td = tt.add.data() + cls * ldt;
+    for (int64_t r = 0; r < nqp; r += V::size()) {
+      const V x = V::loadu(z + r), vm = V::loadu(tm + r), va = V::loadu(ta + r);
+      if (g) {
+        V d = one + vm;
+        if (ha) d = d + va * (V::blendv(zero, one, x > zero) - V::blendv(zero, one, x < zero));
+        d.store(g + r);
+      }
+      V y = x;
+      if (hm) y = y + x * vm;
+      if (ha) y = y + x.abs() * va;
+      if (hd) y = y + V::loadu(td + r);
+      y.store(z + r);
     }
   }
-  runs.push_back({s - k0, k1 - k0, cur});
+}
+
+// mx[r] = max over keys [c0, c1) of St[c, r], NaN-propagating, for queries [0, nqp).
+template <typename T>
+inline void tile_max(const T* St, int64_t ldt, int64_t c0, int64_t c1, int64_t nqp, T* mx) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  for (int64_t rb = 0; rb < nqp; rb += kRowVecs * VS) {
+    const int64_t nv = std::min<int64_t>(kRowVecs, (nqp - rb) / VS);
+    V m[kRowVecs];
+    for (int64_t u = 0; u < kRowVecs; ++u) m[u] = V(-kInf<T>);
+    if (nv == kRowVecs) {
+      for (int64_t c = c0; c < c1; ++c) {
+        const T* z = St + c * ldt + rb;
+        for (int64_t u = 0; u < kRowVecs; ++u) m[u] = at::vec::maximum(m[u], V::loadu(z + u * VS));
+      }
+    } else {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t u = 0; u < nv; ++u) m[u] = at::vec::maximum(m[u], V::loadu(St + c * ldt + rb + u * VS));
+    }
+    for (int64_t u = 0; u < nv; ++u) m[u].store(mx + rb + u * VS);
+  }
+}
+
+// St[c, r] = exp(St[c, r] - sub[r]) for keys [c0, c1); with acc, also acc[class(c) * ldt + r] += that.
+template <typename T>
+inline void tile_exp(T* St, int64_t ldt, int64_t c0, int64_t c1, int64_t nqp, const T* sub, const int32_t* kcls,
+                     T* acc) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  for (int64_t rb = 0; rb < nqp; rb += kRowVecs * VS) {
+    const int64_t nv = std::min<int64_t>(kRowVecs, (nqp - rb) / VS);
+    V s[kRowVecs];
+    for (int64_t u = 0; u < nv; ++u) s[u] = V::loadu(sub + rb + u * VS);
+    for (int64_t c = c0; c < c1; ++c) {
+      T* z = St + c * ldt + rb;
+      T* a = acc ? acc + (kcls ? kcls[c] : 0) * ldt + rb : nullptr;
+      if (nv == kRowVecs) {
+        for (int64_t u = 0; u < kRowVecs; ++u) {
+          const V e = vexp<T>(V::loadu(z + u * VS) - s[u]);
+          e.store(z + u * VS);
+          if (a) (V::loadu(a + u * VS) + e).store(a + u * VS);
+        }
+      } else {
+        for (int64_t u = 0; u < nv; ++u) {
+          const V e = vexp<T>(V::loadu(z + u * VS) - s[u]);
+          e.store(z + u * VS);
+          if (a) (V::loadu(a + u * VS) + e).store(a + u * VS);
+        }
+      }
+    }
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -294,113 +320,89 @@ struct FwdTask {
 };
 
 template <typename T>
-void forward_kernel(const Problem& P, const T* q, const T* k, const T* v, T* out, T* lse, T* mass,
-                    int64_t Tq) {
-  const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C;
+void forward_kernel(const Problem& P, const T* q, const T* k, const T* v, T* out, T* lse, T* mass, int64_t Tq) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
+  const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C, slots = std::max<int64_t>(C, 1);
   const int64_t ldq = Hq * D, ldk = Hk * D;
   std::vector<FwdTask> tasks;
   for (int64_t n = 0; n < P.num_seqs; ++n) {
     const int64_t sq = P.cu_q[n + 1] - P.cu_q[n];
     for (int64_t h = 0; h < Hq; ++h)
-      for (int64_t i0 = 0; i0 < sq; i0 += kFwdQBlock)
-        tasks.push_back({(int32_t)n, (int32_t)h, i0, std::min(i0 + kFwdQBlock, sq)});
+      for (int64_t i0 = 0; i0 < sq; i0 += QB) tasks.push_back({(int32_t)n, (int32_t)h, i0, std::min(i0 + QB, sq)});
   }
-  // Longest tasks first helps the static split a little less than a dynamic one; parallel_for splits
-  // evenly by count, so interleave: nothing more to do here.
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> S(kFwdQBlock * kFwdKBlock);
-    std::vector<T> O(kFwdQBlock * D);
-    std::vector<T> m(kFwdQBlock), l(kFwdQBlock), acc(kFwdQBlock * kMaxClasses);
-    std::vector<Run> runs;
-    runs.reserve(64);
+    // St: the tile, key-major; O: the rows' output; acc: per class and query, sum of P (class-major, ld ldt).
+    std::vector<T> St(KB * ldt), O(QB * D), m(ldt), msub(ldt), mx(ldt), acc(slots * ldt);
+    TileTables<T> tt;
     for (int64_t t = tb; t < te; ++t) {
       const FwdTask& tk = tasks[t];
       const int64_t n = tk.n, h = tk.h, hkv = h / P.group;
-      const int64_t q0 = P.cu_q[n], k0g = P.cu_k[n];
-      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0g;
-      const int64_t i0 = tk.i0, i1 = tk.i1, nq = i1 - i0;
+      const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
+      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0, off = sk - sq;
+      const int64_t i0 = tk.i0, i1 = tk.i1, nq = i1 - i0, nqp = round_up(nq, VS);
       std::fill(O.begin(), O.begin() + nq * D, T(0));
-      std::fill(m.begin(), m.begin() + nq, -std::numeric_limits<T>::infinity());
-      std::fill(l.begin(), l.begin() + nq, T(0));
-      if (C > 0) std::fill(acc.begin(), acc.begin() + nq * C, T(0));
+      std::fill(m.begin(), m.end(), -kInf<T>);
+      std::fill(msub.begin(), msub.end(), T(0));
+      std::fill(acc.begin(), acc.end(), T(0));
+      if (P.has_rw) tt.fill_rows(P, h, P.query_class + q0 + i0, nq, ldt);
       const int64_t kmin = P.lo(i0, sq, sk), kmax = P.hi(i1 - 1, sq, sk);
       const T* qp = q + (q0 + i0) * ldq + h * D;
-      for (int64_t j0 = kmin; j0 <= kmax && sk > 0; j0 += kFwdKBlock) {
-        const int64_t j1 = std::min(j0 + kFwdKBlock, kmax + 1), nk = j1 - j0;
-        const T* kp = k + (k0g + j0) * ldk + hkv * D;
-        const T* vp = v + (k0g + j0) * ldk + hkv * D;
-        // S[nq x nk] (row-major, ld nk) = scale * Q K^T.
-        blas_gemm(TransposeType::Transpose, TransposeType::NoTranspose, nk, nq, D,
-                                  static_cast<T>(P.scale), kp, ldk, qp, ldq, T(0), S.data(), nk);
-        build_runs(P, k0g + j0, k0g + j1, runs);
+      for (int64_t j0 = round_down(std::max<int64_t>(kmin, 0), KB); j0 <= kmax && j0 < sk; j0 += KB) {
+        const int64_t nk = std::min(KB, sk - j0);
+        const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
+        if (tc.c1 <= tc.c0) continue;
+        const int64_t w = tc.c1 - tc.c0;
+        const T* kp = k + (k0 + j0 + tc.c0) * ldk + hkv * D;
+        const T* vp = v + (k0 + j0 + tc.c0) * ldk + hkv * D;
+        const int32_t* kcls = C > 0 ? P.key_class + k0 + j0 : nullptr;
+        T* Sc = St.data() + tc.c0 * ldt;
+        // St[c0:c1, :nq] (key-major) = scale * K Q^T.
+        blas_gemm('T', 'N', nq, w, D, static_cast<T>(P.scale), qp, ldq, kp, ldk, T(0), Sc, ldt);
+        if (P.has_rw) reweight_tile<T>(P, tt, kcls, St.data(), nullptr, ldt, tc.c0, tc.c1, nqp);
+        mask_tile<T>(P, St.data(), ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, -kInf<T>);
+        tile_max<T>(St.data(), ldt, tc.c0, tc.c1, nqp, mx.data());
         for (int64_t r = 0; r < nq; ++r) {
-          const int64_t i = i0 + r;
-          T* z = S.data() + r * nk;
-          const int64_t a = std::max<int64_t>(P.lo(i, sq, sk) - j0, 0);
-          const int64_t b = std::min<int64_t>(P.hi(i, sq, sk) - j0 + 1, nk);
-          if (a >= b) {
-            std::fill(z, z + nk, T(0));
-            continue;
-          }
-          const int qa = P.query_class ? P.query_class[q0 + i] : 0;
-          if (P.has_rw) {
-            for (const Run& ru : runs) {
-              const int64_t s = std::max(ru.start, a), e = std::min(ru.end, b);
-              if (s >= e) continue;
-              const T mu1 = T(1) + P.tab(P.mul, h, qa, ru.cls);
-              const T ab = P.tab(P.abs_, h, qa, ru.cls);
-              const T ad = P.tab(P.add, h, qa, ru.cls);
-              if (mu1 == T(1) && ab == T(0) && ad == T(0)) continue;
-              reweight<T>(z + s, e - s, mu1, ab, ad);
-            }
-          }
-          const T mx = row_max<T>(z + a, b - a);
           const T mold = m[r];
-          const T mnew = std::max(mold, mx);
-          if (mnew == -std::numeric_limits<T>::infinity()) {
-            std::fill(z, z + nk, T(0));
+          if (std::isnan(mold)) continue;  // already NaN: out, mass, lse stay NaN
+          const T mnew = std::isnan(mx[r]) ? mx[r] : std::max(mold, mx[r]);
+          if (!(mnew < kInf<T>)) {  // NaN or +inf score: out, mass and lse are NaN, as in the reference
+            m[r] = mnew;
+            msub[r] = T(0);
+            std::fill(O.begin() + r * D, O.begin() + (r + 1) * D, kNaN<T>);
+            for (int64_t c = 0; c < slots; ++c) acc[c * ldt + r] = kNaN<T>;
             continue;
           }
-          const T alpha = mold == -std::numeric_limits<T>::infinity() ? T(0) : std::exp(mold - mnew);
-          m[r] = mnew;
-          if (a > 0) std::fill(z, z + a, T(0));
-          if (b < nk) std::fill(z + b, z + nk, T(0));
-          T* accr = acc.data() + r * C;
-          if (alpha != T(1)) {
-            for (int64_t c = 0; c < C; ++c) accr[c] *= alpha;
-            if (alpha == T(0)) std::fill(O.begin() + r * D, O.begin() + (r + 1) * D, T(0));
-            else scale_inplace<T>(O.data() + r * D, D, alpha);
+          if (mnew == -kInf<T>) continue;  // nothing seen yet: exp(-inf - 0) = 0
+          if (mold != -kInf<T> && mold != mnew) {
+            const T alpha = std::exp(mold - mnew);
+            scale_inplace<T>(O.data() + r * D, D, alpha);
+            for (int64_t c = 0; c < slots; ++c) acc[c * ldt + r] *= alpha;
           }
-          T rowsum = T(0);
-          for (const Run& ru : runs) {
-            const int64_t s = std::max(ru.start, a), e = std::min(ru.end, b);
-            if (s >= e) continue;
-            const T rs = exp_sum<T>(z + s, e - s, mnew);
-            rowsum += rs;
-            if (ru.cls >= 0) accr[ru.cls] += rs;
-          }
-          l[r] = l[r] * alpha + rowsum;
+          m[r] = msub[r] = mnew;
         }
+        tile_exp<T>(St.data(), ldt, tc.c0, tc.c1, nqp, msub.data(), kcls, acc.data());
         // O[nq x D] (row-major, ld D) += P V.
-        blas_gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, nq, nk, T(1),
-                                  vp, ldk, S.data(), nk, T(1), O.data(), D);
+        blas_gemm('N', 'T', D, nq, w, T(1), vp, ldk, Sc, ldt, T(1), O.data(), D);
       }
       for (int64_t r = 0; r < nq; ++r) {
         const int64_t gi = q0 + i0 + r;
         T* orow = out + gi * ldq + h * D;
-        T* lrow = lse + h * Tq + gi;
         T* mrow = mass + (h * Tq + gi) * C;
-        if (l[r] > T(0)) {
-          const T inv = T(1) / l[r];
-          const T* src = O.data() + r * D;
-          for (int64_t d = 0; d < D; ++d) orow[d] = src[d] * inv;
-          *lrow = m[r] + std::log(l[r]);
-          for (int64_t c = 0; c < C; ++c) mrow[c] = acc[r * C + c] * inv;
-        } else {
+        if (m[r] == -kInf<T>) {  // no visible key
           std::fill(orow, orow + D, T(0));
-          *lrow = -std::numeric_limits<T>::infinity();
-          for (int64_t c = 0; c < C; ++c) mrow[c] = T(0);
+          lse[h * Tq + gi] = -kInf<T>;
+          std::fill(mrow, mrow + C, T(0));
+          continue;
         }
+        T l = T(0);
+        for (int64_t c = 0; c < slots; ++c) l += acc[c * ldt + r];
+        const T inv = T(1) / l;
+        const T* src = O.data() + r * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = src[d] * inv;
+        lse[h * Tq + gi] = m[r] + std::log(l);  // NaN when a score was NaN or +inf (l is NaN then)
+        for (int64_t c = 0; c < C; ++c) mrow[c] = acc[c * ldt + r] * inv;
       }
     }
   });
@@ -415,7 +417,10 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
                      double* dtab) {
   // want[0..2]: gradients of MUL, ABS, ADD requested; then dtab [N, 3, Hq, C, C] receives, for task (n, h),
   // the sums over its visible (i, j) of dZ' * z, dZ' * |z| and dZ' by (class(i), class(j)).
-  const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C;
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
+  const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C, slots = std::max<int64_t>(C, 1);
   const int64_t ldq = Hq * D, ldk = Hk * D;
   const bool has_dm = dmass != nullptr && C > 0;
   const bool wm = want[0], wa = want[1], wd = want[2];
@@ -425,175 +430,184 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
   for (int64_t n = 0; n < P.num_seqs; ++n)
     for (int64_t h = 0; h < Hq; ++h) tasks.push_back({(int32_t)n, (int32_t)h});
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> S(kBwdQBlock * kBwdKBlock), dP(kBwdQBlock * kBwdKBlock), G;
-    if (P.has_rw) G.resize(kBwdQBlock * kBwdKBlock);
-    std::vector<T> Z;  // raw scores, kept only for the MUL / ABS gradients
-    if (want_z) Z.resize(kBwdQBlock * kBwdKBlock);
+    std::vector<T> St(KB * ldt), dPt(KB * ldt), G, Z;
+    if (P.has_rw) G.resize(KB * ldt);
+    if (want_z) Z.resize(KB * ldt);  // raw scores, kept only for the MUL / ABS gradients
+    std::vector<T> lsub(ldt), cst(slots * ldt), tsum(want_tab ? 3 * C * ldt : 0), nan_rows_p;
+    std::vector<int64_t> nan_rows;
     std::vector<double> tacc(want_tab ? 3 * kMaxClasses * kMaxClasses : 0);
-    std::vector<int> rq(kBwdQBlock);
-    std::vector<T> dK(kBwdKBlock * D), dV(kBwdKBlock * D);
-    std::vector<int64_t> ra(kBwdQBlock), rb(kBwdQBlock);
-    std::vector<Run> runs;
-    runs.reserve(64);
+    std::vector<T> dK(KB * D), dV(KB * D);
+    TileTables<T> tt;
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = tasks[t].first, h = tasks[t].second, hkv = h / P.group;
-      const int64_t q0 = P.cu_q[n], k0g = P.cu_k[n];
-      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0g;
+      const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
+      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0, off = sk - sq;
       if (sq == 0 || sk == 0) continue;
       if (want_tab) std::fill(tacc.begin(), tacc.end(), 0.0);
-      const int64_t off = sk - sq;
       const int64_t kmin = P.lo(0, sq, sk), kmax = P.hi(sq - 1, sq, sk);
-      for (int64_t j0 = kmin; j0 <= kmax; j0 += kBwdKBlock) {
-        const int64_t j1 = std::min(j0 + kBwdKBlock, kmax + 1), nk = j1 - j0;
-        const T* kp = k + (k0g + j0) * ldk + hkv * D;
-        const T* vp = v + (k0g + j0) * ldk + hkv * D;
+      for (int64_t j0 = round_down(std::max<int64_t>(kmin, 0), KB); j0 <= kmax && j0 < sk; j0 += KB) {
+        const int64_t nk = std::min(KB, sk - j0);
+        const int32_t* kcls = C > 0 ? P.key_class + k0 + j0 : nullptr;
         std::fill(dK.begin(), dK.begin() + nk * D, T(0));
         std::fill(dV.begin(), dV.begin() + nk * D, T(0));
-        build_runs(P, k0g + j0, k0g + j1, runs);
+        // Query rows that may see a key of the block, widened to the tile grid.
         const int64_t is = P.wr < 0 ? 0 : std::max<int64_t>(0, j0 - off - P.wr);
-        const int64_t ie = P.wl < 0 ? sq : std::min<int64_t>(sq, j1 - 1 - off + P.wl + 1);
-        bool touched = false;
-        for (int64_t i0 = is; i0 < ie; i0 += kBwdQBlock) {
-          const int64_t i1 = std::min(i0 + kBwdQBlock, ie), nq = i1 - i0;
+        const int64_t ie = P.wl < 0 ? sq : std::min<int64_t>(sq, j0 + nk - 1 - off + P.wl + 1);
+        for (int64_t i0 = round_down(is, QB); i0 < ie; i0 += QB) {
+          const int64_t i1 = std::min(i0 + QB, sq), nq = i1 - i0, nqp = round_up(nq, VS);
+          const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
+          if (tc.c1 <= tc.c0) continue;
+          const int64_t w = tc.c1 - tc.c0;
           const T* qp = q + (q0 + i0) * ldq + h * D;
           const T* dop = dout + (q0 + i0) * ldq + h * D;
-          blas_gemm(TransposeType::Transpose, TransposeType::NoTranspose, nk, nq, D,
-                                    static_cast<T>(P.scale), kp, ldk, qp, ldq, T(0), S.data(), nk);
+          const T* kp = k + (k0 + j0 + tc.c0) * ldk + hkv * D;
+          const T* vp = v + (k0 + j0 + tc.c0) * ldk + hkv * D;
+          T* Sc = St.data() + tc.c0 * ldt;
+          T* dPc = dPt.data() + tc.c0 * ldt;
+          // P = exp(z' - lse): 0 on empty rows (lse = -inf); rows whose lse is NaN or +inf take exp(z' - lse)
+          // as the reference forms it.
+          nan_rows.clear();
           bool any = false;
-          for (int64_t r = 0; r < nq; ++r) {
-            const int64_t i = i0 + r, gi = q0 + i;
-            T* z = S.data() + r * nk;
-            const T L = lse[h * Tq + gi];
-            int64_t a = std::max<int64_t>(P.lo(i, sq, sk) - j0, 0);
-            int64_t b = std::min<int64_t>(P.hi(i, sq, sk) - j0 + 1, nk);
-            if (a >= b || L == -std::numeric_limits<T>::infinity()) {
-              std::fill(z, z + nk, T(0));
-              ra[r] = 0;
-              rb[r] = 0;
-              continue;
+          for (int64_t r = 0; r < nqp; ++r) {
+            const T L = r < nq ? lse[h * Tq + q0 + i0 + r] : -kInf<T>;
+            any = any || L != -kInf<T>;
+            if (L == -kInf<T>) lsub[r] = kInf<T>;
+            else if (L < kInf<T>) lsub[r] = L;
+            else {
+              lsub[r] = T(0);
+              nan_rows.push_back(r);
             }
-            any = true;
-            ra[r] = a;
-            rb[r] = b;
-            const int qa = P.query_class ? P.query_class[gi] : 0;
-            rq[r] = qa;
-            if (want_z) std::copy(z + a, z + b, Z.data() + r * nk + a);
-            if (P.has_rw) {
-              T* g = G.data() + r * nk;
-              for (const Run& ru : runs) {
-                const int64_t s = std::max(ru.start, a), e = std::min(ru.end, b);
-                if (s >= e) continue;
-                const T mu1 = T(1) + P.tab(P.mul, h, qa, ru.cls);
-                const T ab = P.tab(P.abs_, h, qa, ru.cls);
-                const T ad = P.tab(P.add, h, qa, ru.cls);
-                if (ab != T(0)) {
-                  reweight_grad<T>(z + s, g + s, e - s, mu1, ab, ad);
-                } else {
-                  std::fill(g + s, g + e, mu1);
-                  if (mu1 != T(1) || ad != T(0)) reweight<T>(z + s, e - s, mu1, T(0), ad);
-                }
-              }
-            }
-            if (a > 0) std::fill(z, z + a, T(0));
-            if (b < nk) std::fill(z + b, z + nk, T(0));
-            exp_sub<T>(z + a, b - a, L);
           }
           if (!any) continue;
-          touched = true;
-          // dP[nq x nk] = dO V^T.
-          blas_gemm(TransposeType::Transpose, TransposeType::NoTranspose, nk, nq, D, T(1), vp,
-                                    ldk, dop, ldq, T(0), dP.data(), nk);
-          // dV[nk x D] += P^T dO.
-          blas_gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, nk, nq, T(1), dop,
-                                    ldq, S.data(), nk, T(1), dV.data(), D);
-          for (int64_t r = 0; r < nq; ++r) {
-            const int64_t gi = q0 + i0 + r;
-            T* p = S.data() + r * nk;
-            T* ds = dP.data() + r * nk;
-            const int64_t a = ra[r], b = rb[r];
-            if (a >= b) {
-              std::fill(ds, ds + nk, T(0));
-              continue;
+          // The forward's call, bit for bit.
+          blas_gemm('T', 'N', nq, w, D, static_cast<T>(P.scale), qp, ldq, kp, ldk, T(0), Sc, ldt);
+          if (want_z)
+            for (int64_t c = tc.c0; c < tc.c1; ++c) std::copy(Sc + (c - tc.c0) * ldt, Sc + (c - tc.c0) * ldt + nqp,
+                                                               Z.data() + c * ldt);
+          if (P.has_rw) {
+            tt.fill_rows(P, h, P.query_class + q0 + i0, nq, ldt);
+            reweight_tile<T>(P, tt, kcls, St.data(), G.data(), ldt, tc.c0, tc.c1, nqp);
+          }
+          mask_tile<T>(P, St.data(), ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, -kInf<T>);
+          nan_rows_p.resize(nan_rows.size() * w);
+          for (size_t u = 0; u < nan_rows.size(); ++u) {
+            const int64_t r = nan_rows[u];
+            const T L = lse[h * Tq + q0 + i0 + r];
+            for (int64_t c = tc.c0; c < tc.c1; ++c) {
+              const T z = St[c * ldt + r];
+              nan_rows_p[u * w + c - tc.c0] = z == -kInf<T> ? T(0) : std::exp(z - L);
             }
-            const T dl = delta[h * Tq + gi];
-            if (a > 0) std::fill(ds, ds + a, T(0));
-            if (b < nk) std::fill(ds + b, ds + nk, T(0));
-            if (has_dm) {
-              const T* dmr = dmass + (h * Tq + gi) * C;
-              for (const Run& ru : runs) {
-                const int64_t s = std::max(ru.start, a), e = std::min(ru.end, b);
-                if (s >= e) continue;
-                ds_run<T>(p + s, ds + s, e - s, dmr[ru.cls] - dl);
+          }
+          tile_exp<T>(St.data(), ldt, tc.c0, tc.c1, nqp, lsub.data(), nullptr, nullptr);
+          for (size_t u = 0; u < nan_rows.size(); ++u)
+            for (int64_t c = tc.c0; c < tc.c1; ++c) St[c * ldt + nan_rows[u]] = nan_rows_p[u * w + c - tc.c0];
+          // dP[c0:c1, :nq] (key-major) = V dO^T.
+          blas_gemm('T', 'N', nq, w, D, T(1), dop, ldq, vp, ldk, T(0), dPc, ldt);
+          // dV[w x D] += P^T dO.
+          blas_gemm('N', 'N', D, w, nq, T(1), dop, ldq, Sc, ldt, T(1), dV.data() + tc.c0 * D, D);
+          // dZ' = P (dP + dmass[i, class(j)] - delta_i): one constant per (class, query).
+          for (int64_t c = 0; c < slots; ++c)
+            for (int64_t r = 0; r < nqp; ++r) {
+              const int64_t gi = q0 + i0 + r;
+              cst[c * ldt + r] = r < nq ? (has_dm ? dmass[(h * Tq + gi) * C + c] : T(0)) - delta[h * Tq + gi] : T(0);
+            }
+          for (int64_t c = tc.c0; c < tc.c1; ++c) {
+            const T* p = St.data() + c * ldt;
+            T* ds = dPt.data() + c * ldt;
+            const T* cr = cst.data() + (kcls ? kcls[c] : 0) * ldt;
+            for (int64_t r = 0; r < nqp; r += VS)
+              (V::loadu(p + r) * (V::loadu(ds + r) + V::loadu(cr + r))).store(ds + r);
+          }
+          mask_tile<T>(P, dPt.data(), ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, T(0));
+          if (want_tab) {  // dZ' summed per (query, key class) before the chain rule through G, then per query class
+            std::fill(tsum.begin(), tsum.end(), T(0));
+            for (int64_t c = tc.c0; c < tc.c1; ++c) {
+              const T* ds = dPt.data() + c * ldt;
+              const T* zr = Z.data() + c * ldt;
+              T* sm = tsum.data() + kcls[c] * ldt;
+              T* sa = sm + C * ldt;
+              T* sd = sa + C * ldt;
+              for (int64_t r = 0; r < nqp; r += VS) {
+                const V x = V::loadu(ds + r);
+                if (wm) (V::loadu(sm + r) + x * V::loadu(zr + r)).store(sm + r);
+                if (wa) (V::loadu(sa + r) + x * V::loadu(zr + r).abs()).store(sa + r);
+                if (wd) (V::loadu(sd + r) + x).store(sd + r);
               }
-            } else {
-              ds_run<T>(p + a, ds + a, b - a, -dl);
             }
-            if (want_tab) {  // dZ' reduced per (row class, key run class) before the chain rule through G
-              double* ta = tacc.data() + rq[r] * C;
-              const T* zr = want_z ? Z.data() + r * nk : nullptr;
-              for (const Run& ru : runs) {
-                const int64_t s = std::max(ru.start, a), e = std::min(ru.end, b);
-                if (s >= e) continue;
-                T sums[3];
-                table_sums<T>(ds + s, zr ? zr + s : nullptr, e - s, wm, wa, wd, sums);
-                for (int w = 0; w < 3; ++w) ta[w * C * C + ru.cls] += (double)sums[w];
-              }
+            for (int64_t r = 0; r < nq; ++r) {
+              double* ta = tacc.data() + P.query_class[q0 + i0 + r] * C;
+              for (int w3 = 0; w3 < 3; ++w3)
+                for (int64_t c = 0; c < C; ++c) ta[w3 * C * C + c] += (double)tsum[(w3 * C + c) * ldt + r];
             }
-            if (P.has_rw) mul_inplace<T>(ds + a, G.data() + r * nk + a, b - a);
+          }
+          if (P.has_rw) {
+            for (int64_t c = tc.c0; c < tc.c1; ++c) {
+              T* ds = dPt.data() + c * ldt;
+              const T* g = G.data() + c * ldt;
+              for (int64_t r = 0; r < nqp; r += VS) (V::loadu(ds + r) * V::loadu(g + r)).store(ds + r);
+            }
           }
           // dQ[nq x D] (ld ldq, in place in dq) += scale * dS K.
-          blas_gemm(TransposeType::NoTranspose, TransposeType::NoTranspose, D, nq, nk,
-                                    static_cast<T>(P.scale), kp, ldk, dP.data(), nk, T(1),
-                                    dq + (q0 + i0) * ldq + h * D, ldq);
-          // dK[nk x D] += scale * dS^T Q.
-          blas_gemm(TransposeType::NoTranspose, TransposeType::Transpose, D, nk, nq,
-                                    static_cast<T>(P.scale), qp, ldq, dP.data(), nk, T(1), dK.data(), D);
+          blas_gemm('N', 'T', D, nq, w, static_cast<T>(P.scale), kp, ldk, dPc, ldt, T(1), dq + (q0 + i0) * ldq + h * D,
+                    ldq);
+          // dK[w x D] += scale * dS^T Q.
+          blas_gemm('N', 'N', D, w, nq, static_cast<T>(P.scale), qp, ldq, dPc, ldt, T(1), dK.data() + tc.c0 * D, D);
         }
-        (void)touched;
         for (int64_t j = 0; j < nk; ++j) {
-          T* dkr = dk_full + (k0g + j0 + j) * ldq + h * D;
-          T* dvr = dv_full + (k0g + j0 + j) * ldq + h * D;
-          std::copy(dK.begin() + j * D, dK.begin() + (j + 1) * D, dkr);
-          std::copy(dV.begin() + j * D, dV.begin() + (j + 1) * D, dvr);
+          std::copy(dK.begin() + j * D, dK.begin() + (j + 1) * D, dk_full + (k0 + j0 + j) * ldq + h * D);
+          std::copy(dV.begin() + j * D, dV.begin() + (j + 1) * D, dv_full + (k0 + j0 + j) * ldq + h * D);
         }
       }
       if (want_tab) {
-        for (int w = 0; w < 3; ++w)
-          std::copy(tacc.begin() + w * C * C, tacc.begin() + (w + 1) * C * C,
-                    dtab + ((n * 3 + w) * Hq + h) * C * C);
+        for (int w3 = 0; w3 < 3; ++w3)
+          std::copy(tacc.begin() + w3 * C * C, tacc.begin() + (w3 + 1) * C * C,
+                    dtab + ((n * 3 + w3) * Hq + h) * C * C);
       }
     }
   });
 }
 
+// ----------------------------------------------------------------------------------------------
+// Entry points.
+// ----------------------------------------------------------------------------------------------
 Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cu_q, const at::Tensor& cu_k,
                      const c10::optional<at::Tensor>& key_class, const c10::optional<at::Tensor>& query_class,
                      int64_t num_classes, const c10::optional<at::Tensor>& mul,
                      const c10::optional<at::Tensor>& abs_, const c10::optional<at::Tensor>& add, double scale,
                      int64_t wl, int64_t wr) {
+  TORCH_CHECK(kBlocks.error.empty(), kBlocks.error);
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3, "avar cpu: q, k must be [T, H, D]");
   TORCH_CHECK(num_classes >= 0 && num_classes <= kMaxClasses, "avar cpu: num_classes must be in 0..8");
-  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt, "cu_seqlens must be int32");
+  TORCH_CHECK(cu_q.scalar_type() == at::kInt && cu_k.scalar_type() == at::kInt && cu_q.is_contiguous() &&
+                  cu_k.is_contiguous(), "avar cpu: cu_seqlens must be contiguous int32");
+  TORCH_CHECK(cu_q.dim() == 1 && cu_q.numel() >= 1 && cu_k.numel() == cu_q.numel(),
+              "avar cpu: cu_seqlens_q and cu_seqlens_k must both be [N + 1] with N >= 0");
   Problem P;
   P.hq = q.size(1);
   P.hk = k.size(1);
-  TORCH_CHECK(P.hq % P.hk == 0, "avar cpu: Hq must be a multiple of Hk");
+  TORCH_CHECK(P.hk > 0 && P.hq % P.hk == 0, "avar cpu: Hq must be a multiple of Hk");
   P.group = P.hq / P.hk;
   P.d = q.size(2);
   P.num_seqs = cu_q.numel() - 1;
   P.cu_q = cu_q.data_ptr<int32_t>();
   P.cu_k = cu_k.data_ptr<int32_t>();
+  TORCH_CHECK(P.cu_q[P.num_seqs] == q.size(0) && P.cu_k[P.num_seqs] == k.size(0),
+              "avar cpu: cu_seqlens_q[-1] / cu_seqlens_k[-1] must equal Tq / Tk");
   P.C = num_classes;
   P.key_class = nullptr;
   P.query_class = nullptr;
+  P.has_query_class = false;
   if (num_classes > 0) {
-    TORCH_CHECK(key_class.has_value() && key_class->scalar_type() == at::kInt && key_class->is_contiguous(),
-                "avar cpu: key_class must be a contiguous int32 tensor when num_classes > 0");
+    // An empty tensor's data pointer may be null: presence is has_value(), never a pointer test.
+    TORCH_CHECK(key_class.has_value() && key_class->defined() && key_class->scalar_type() == at::kInt &&
+                    key_class->is_contiguous() && key_class->numel() == k.size(0),
+                "avar cpu: key_class must be a contiguous int32 [Tk] tensor when num_classes > 0");
     P.key_class = key_class->data_ptr<int32_t>();
     if (query_class.has_value() && query_class->defined()) {
-      TORCH_CHECK(query_class->scalar_type() == at::kInt && query_class->is_contiguous(),
-                  "avar cpu: query_class must be contiguous int32");
+      TORCH_CHECK(query_class->scalar_type() == at::kInt && query_class->is_contiguous() &&
+                      query_class->numel() == q.size(0), "avar cpu: query_class must be a contiguous int32 [Tq] tensor");
       P.query_class = query_class->data_ptr<int32_t>();
+      P.has_query_class = true;
     }
   }
   auto tab = [&](const c10::optional<at::Tensor>& t) -> const float* {
@@ -607,7 +621,7 @@ Problem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   P.abs_ = tab(abs_);
   P.add = tab(add);
   P.has_rw = P.mul || P.abs_ || P.add;
-  TORCH_CHECK(!P.has_rw || P.query_class, "avar cpu: reweight tables need query_class");
+  TORCH_CHECK(!P.has_rw || P.has_query_class, "avar cpu: reweight tables need query_class");
   P.scale = scale;
   P.wl = wl;
   P.wr = wr;
@@ -639,6 +653,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                   lse.is_contiguous(), "avar cpu: lse must be a contiguous [Hq, Tq] tensor of q's dtype");
   TORCH_CHECK(mass.sizes() == at::IntArrayRef({P.hq, Tq, num_classes}) && mass.scalar_type() == qc.scalar_type() &&
                   mass.is_contiguous(), "avar cpu: mass must be a contiguous [Hq, Tq, C] tensor of q's dtype");
+  if (Tq == 0) return {out, lse, mass};
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "avar_cpu_forward", [&] {
     forward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
                              out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(), Tq);
@@ -679,13 +694,15 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
   const bool want_tab = want[0] || want[1] || want[2];
   // Per (sequence, table, head) partial sums, summed over the sequences below: deterministic, no atomics.
   at::Tensor dtab_seq = at::zeros({want_tab ? P.num_seqs : 0, 3, P.hq, P.C, P.C}, qc.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(st, "avar_cpu_backward", [&] {
-    backward_kernel<scalar_t>(P, doc.data_ptr<scalar_t>(), dmc.defined() ? dmc.data_ptr<scalar_t>() : nullptr,
-                              dlc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                              vc.data_ptr<scalar_t>(), lsec.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                              dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq, want,
-                              want_tab ? dtab_seq.data_ptr<double>() : nullptr);
-  });
+  if (Tq > 0 && Tk > 0) {
+    AT_DISPATCH_FLOATING_TYPES(st, "avar_cpu_backward", [&] {
+      backward_kernel<scalar_t>(P, doc.data_ptr<scalar_t>(), dmc.defined() ? dmc.data_ptr<scalar_t>() : nullptr,
+                                dlc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                vc.data_ptr<scalar_t>(), lsec.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                                dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq, want,
+                                want_tab ? dtab_seq.data_ptr<double>() : nullptr);
+    });
+  }
   at::Tensor dk, dv;
   if (P.group == 1) {
     dk = dk_full;
