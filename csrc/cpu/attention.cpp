@@ -65,7 +65,7 @@ inline void blas_gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, double 
 using at::vec::Vectorized;
 
 constexpr int64_t kMaxClasses = 8;
-constexpr int64_t kAlign = 16;  // score rows are padded to a multiple of this (>= every vector width)
+constexpr int64_t kAlign = 16;  // a tile row's queries are padded to a multiple of this (>= every vector width)
 
 template <typename T>
 constexpr T kInf = std::numeric_limits<T>::infinity();
@@ -76,7 +76,8 @@ inline int64_t round_down(int64_t x, int64_t m) { return x / m * m; }
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // ----------------------------------------------------------------------------------------------
-// Tile sizes (measured on a 2-core AVX-512 machine, D = 128, fp32; see the note in the README).
+// Tile sizes: 128 queries x 512 keys was the fastest of the square and oblong tiles from 128 to 1024 in both passes
+// (2-core AVX-512 x86 machine, S = 2048, D = 128, fp32, single-thread CPU time).
 // ----------------------------------------------------------------------------------------------
 struct Blocks {
   int64_t q = 128, k = 512;
@@ -121,7 +122,7 @@ inline Vectorized<T> vexp(const Vectorized<T>& x) {
 }
 template <>
 inline Vectorized<float> vexp<float>(const Vectorized<float>& x) {
-  return x.exp_u20();  // exp(-inf) = 0; never called on NaN (such rows take the scalar path)
+  return x.exp_u20();  // exp(-inf) = 0; NaN in gives a number out: NaN rows are kept NaN by their state
 }
 
 template <typename T>
@@ -146,8 +147,8 @@ struct Problem {
   int64_t num_seqs;
   const int32_t* cu_q;
   const int32_t* cu_k;
-  const int32_t* key_class;    // valid when C > 0 and Tk > 0
-  const int32_t* query_class;  // valid when has_query_class and Tq > 0
+  const int32_t* key_class;    // read only when C > 0 (an empty tensor's pointer may be null)
+  const int32_t* query_class;  // read only when has_query_class
   bool has_query_class;
   int64_t C;
   const float* mul;
