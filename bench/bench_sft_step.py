@@ -23,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import warnings
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -80,7 +81,7 @@ def setup(args, first_variant):
         p.grad = torch.zeros_like(p)
     opt.step()
     trainer = AvarSFTTrainer(model=model, processing_class=processor,
-                             args=TrainingArguments(output_dir=os.devnull, report_to="none", use_cpu=True,
+                             args=TrainingArguments(output_dir=tempfile.mkdtemp(), report_to="none", use_cpu=True,
                                                     remove_unused_columns=False))
     current = [first_variant]
     cls, query = batch["token_classes"], batch["query_mask"]

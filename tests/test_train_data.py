@@ -151,7 +151,7 @@ def test_encode_conversation_labels_classes_and_queries():
     assert len(short["input_ids"]) == len(ids) - 5
     batch = SFTCollator(tok.pad_token_id)([s, short])
     assert batch["input_ids"].shape == (2, len(ids)) and batch["attention_mask"][1].sum() == len(ids) - 5
-    assert (batch["labels"][1, -5:] == -100).all() and batch["pixel_values"].shape[0] == 2 * 36
+    assert (batch["labels"][1, -5:] == -100).all() and batch["pixel_values"].shape[0] == 2 * 36    # 6 x 6 patches
 
 
 def test_model_rewriter_prompts_a_local_model(tmp_path):

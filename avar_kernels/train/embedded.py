@@ -1,7 +1,7 @@
 """The embedded default: a procedural visual-reasoning task, a local tokenizer and a small Qwen2.5-VL, no download.
 
-Images are 36 x 36 pixels, a 3 x 3 grid of 12-pixel cells holding 2 to 4 shapes (circle, square, triangle) in
-four colours and two sizes. With 6-pixel patches merged 2 x 2 each cell is one image token (9 per image).
+Images are 48 x 48 pixels, a 3 x 3 grid of 16-pixel cells holding 2 to 4 shapes (circle, square, triangle) in
+four colours and two sizes. With 8-pixel patches merged 2 x 2 each cell is one image token (9 per image).
 Questions cannot be answered without the image: how many shapes of a colour, the colour of a shape, the colour of
 the shape left of another, whether one shape is bigger than another, which shape has a colour. Every record has
 an exact answer, a description of the image and the reasoning to the answer (what ``synth`` turns into
@@ -27,9 +27,9 @@ COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 SIZES = ("small", "big")
 ROWS, COLS = ("top", "middle", "bottom"), ("left", "center", "right")
-CELL, GRID = 12, 3
+CELL, GRID = 16, 3
 IMAGE_SIZE = CELL * GRID
-PATCH, MERGE = 6, 2
+PATCH, MERGE = 8, 2
 QUESTION_KINDS = ("count", "colour", "left_of", "bigger", "shape")
 SYSTEM_PROMPT = "You are a helpful assistant."
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -55,11 +55,11 @@ class Shape:
 
 
 def draw(shapes) -> np.ndarray:
-    """uint8 ``[36, 36, 3]``: the shapes on a white background."""
+    """uint8 ``[48, 48, 3]``: the shapes on a white background."""
     img = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, dtype=np.uint8)
     yy, xx = np.mgrid[0:CELL, 0:CELL] + 0.5
     for s in shapes:
-        half = 5.0 if s.size == "big" else 2.75
+        half = 7.0 if s.size == "big" else 4.0
         c = CELL / 2
         if s.kind == "circle":
             mask = (yy - c) ** 2 + (xx - c) ** 2 <= half ** 2
@@ -236,7 +236,7 @@ def processor():
 # ------------------------------------------------------------------------------------------------ model
 
 MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
-VISION = dict(depth=2, hidden_size=64, out_hidden_size=128, num_heads=2, intermediate_size=128)
+VISION = dict(depth=1, hidden_size=64, out_hidden_size=128, num_heads=2, intermediate_size=128)
 
 
 def model(attn="avar", seed=0, **text_overrides):

@@ -246,7 +246,7 @@ def run_sft(cfg: dict) -> dict:
 
 
 # The embedded task's defaults: a few minutes on 2 CPU cores (a config or flags override any of them)
-EMBEDDED_SFT = dict(learning_rate=5e-4, per_device_train_batch_size=16, max_steps=1000, warmup_steps=50,
+EMBEDDED_SFT = dict(learning_rate=5e-4, per_device_train_batch_size=16, max_steps=1500, warmup_steps=50,
                     lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=25, save_steps=500,
                     save_total_limit=2, seed=0, dataloader_num_workers=0)
 

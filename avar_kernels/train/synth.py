@@ -23,9 +23,8 @@ from .data import IMAGE_PLACEHOLDER, SynthRecord
 
 REASONING_OPENERS = ("Reasoning :", "Step by step :")
 LOOK_AGAIN = ("Looking at the image again ,", "Going back to the image ,")
-CONFIRM = ("the image confirms that the answer is", "the image shows that the answer is")
-REFLECTIONS = ("Reflection : I checked each step against the image , so the answer is",
-               "Reflection : every step agrees with what the image shows , so the answer is")
+CONFIRM = ("it shows", "it confirms")
+REFLECTIONS = ("Reflection : each step agrees with the image .", "Reflection : the image supports every step .")
 DESCRIPTION_OPENER = "Image description :"
 # every fixed phrase of the template, for tokenizers that must cover them (the embedded word-level vocabulary)
 PHRASES = (*REASONING_OPENERS, *LOOK_AGAIN, *CONFIRM, *REFLECTIONS, DESCRIPTION_OPENER, ".")
@@ -48,7 +47,7 @@ class TemplateRewriter:
         if record.reasoning:
             parts.append(f"{REASONING_OPENERS[pick % 2]} {_sentence(record.reasoning)}")
         parts.append(f"{LOOK_AGAIN[(pick >> 1) % 2]} {CONFIRM[(pick >> 2) % 2]} {record.answer} .")
-        parts.append(f"{REFLECTIONS[(pick >> 3) % 2]} {record.answer} .")
+        parts.append(REFLECTIONS[(pick >> 3) % 2])
         return response(" ".join(parts), record.answer)
 
 
