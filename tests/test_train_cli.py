@@ -111,3 +111,11 @@ def test_example_configs_load():
     assert kinds == {"ddp": "MULTI_GPU", "fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED", "ddp_cpu": "MULTI_CPU"}
     with open(os.path.join(root, "ds_zero3.json")) as f:
         assert json.load(f)["zero_optimization"]["stage"] == 3
+
+
+def test_cpu_processes_under_torchrun_get_gloo_ddp():
+    from avar_kernels.train.config import cpu_defaults
+
+    assert cpu_defaults({}, 2) == {"bf16": False, "use_cpu": True, "ddp_backend": "gloo"}
+    assert cpu_defaults({"ddp_backend": "mpi", "bf16": True}, 2)["ddp_backend"] == "mpi"
+    assert "ddp_backend" not in cpu_defaults({}, 1)

@@ -121,9 +121,17 @@ def split_config(cfg: dict, kind: str = "sft"):
         raise ValueError(f"stage: this is 'train {kind}', the config says stage={pick['data']['stage']!r}")
     train = {"output_dir": DEFAULT_OUTPUT[kind], "report_to": "none", **pick["train"],
              "remove_unused_columns": False}
-    if "bf16" not in train and not torch.cuda.is_available():
-        train["bf16"] = False                      # GRPOConfig defaults to bf16, which needs a GPU
+    if not torch.cuda.is_available():
+        train = cpu_defaults(train, int(os.environ.get("WORLD_SIZE", "1")))
     return Args(**train), avar_cls(**pick["avar"]), DataArguments(**pick["data"])
+
+
+def cpu_defaults(train: dict, world_size: int) -> dict:
+    """Training keys a machine without GPUs needs unless the config sets them: no bf16 (GRPOConfig's default),
+    ``use_cpu`` (without it accelerate treats CPU processes under torchrun as independent runs, no DDP), and the
+    gloo backend for several processes."""
+    out = {"bf16": False, "use_cpu": True, **({"ddp_backend": "gloo"} if world_size > 1 else {})}
+    return {**out, **train}
 
 
 def parse_override(text: str):
