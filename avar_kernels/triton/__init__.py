@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import os
 
+# Fused key masses (issue 11): forward(..., key_mass=True) and backward(..., dkey_mass=...).
+KEY_MASS = True
+
 
 def is_available() -> bool:
     try:
@@ -17,21 +20,24 @@ def is_available() -> bool:
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False):
-    """(out, lse, mass); ``out_fp32=True`` returns out in float32 (the unrounded output) whatever q's dtype."""
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False, key_mass=False):
+    """(out, lse, mass); ``out_fp32=True`` returns out in float32 (the unrounded output) whatever q's dtype;
+    ``key_mass=True`` adds key_mass [Hq, Tk, C] float32: (out, lse, mass, key_mass)."""
     from .fwd import forward as _forward
     return _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-                    num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=out_fp32)
+                    num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=out_fp32,
+                    key_mass=key_mass)
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right,
-             table_grads=None):
-    """(dq, dk, dv), or with ``table_grads=(need_mul, need_abs, need_add)`` (dq, dk, dv, dtables [3, Hq, C, C])."""
+             table_grads=None, dkey_mass=None):
+    """(dq, dk, dv), or with ``table_grads=(need_mul, need_abs, need_add)`` (dq, dk, dv, dtables [3, Hq, C, C]).
+    ``dkey_mass`` [Hq, Tk, C]: the gradient on key masses (its share of delta is added by the backend)."""
     from .bwd import backward as _backward
     return _backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                      max_seqlen_k, key_class, query_class, num_classes, mul, abs_, add, scale, window_left,
-                     window_right, table_grads=table_grads)
+                     window_right, table_grads=table_grads, dkey_mass=dkey_mass)
 
 
-__all__ = ["is_available", "forward", "backward"]
+__all__ = ["KEY_MASS", "is_available", "forward", "backward"]

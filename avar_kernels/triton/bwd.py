@@ -12,6 +12,10 @@ Learned tables (constexpr WANT_DMUL / WANT_DABS / WANT_DADD, off in the plain ba
 dZ' z, dZ' |z|, dZ' per (key, query class) with a product dZ'-tile x onehot(query class) [BLOCK_M, CLASS_TILE]
 over its query blocks, reduces over its keys per key class with onehot(key class) once per query head, and
 stores a [3, C, C] slot per (sequence, key block, query head); PyTorch sums the slots (deterministic, no atomics).
+A loss on key masses (dkey_mass, constexpr HAS_DKM from the DKM argument, off otherwise): dP_ij += dKM[j, qclass(i)]
+in both kernels, a tile spread from the key block's dKM rows [BLOCK_N, CLASS_TILE] by a product with
+onehot(query class); its share of the row constant, sum_j P_ij dKM[j, qclass(i)], needs every key of a row, so a
+small row-major kernel (_bwd_km_delta_kernel, one more Q K^T) adds it to delta first.
 """
 from __future__ import annotations
 
@@ -56,6 +60,35 @@ def _row_stats(LSE_h, DELTA_h, rows, rmask):
 
 
 @triton.jit
+def _load_dkm(DKM_h, krows, kmask, offs_c, C: tl.constexpr):
+    """The dKM rows [keys, CP] of the keys at the global indices krows (0 past C and for masked keys)."""
+    return tl.load(DKM_h + krows[:, None].to(tl.int64) * C + offs_c[None, :],
+                   mask=kmask[:, None] & (offs_c[None, :] < C), other=0.0)
+
+
+@triton.jit
+def _add_dkm(acc, dkm, qcls, offs_c, C: tl.constexpr, KEYS_FIRST: tl.constexpr, MASS_DOT: tl.constexpr,
+             PREC: tl.constexpr):
+    """acc + dKM[j, qclass(i)] as a [rows, keys] tile ([keys, rows] if KEYS_FIRST), from the keys' dKM rows
+    dkm [keys, CP] and the rows' classes qcls [rows]: a product with onehot(query class) (MASS_DOT; dkm's bf16
+    halves, see _dot_onehot), else C selects."""
+    if MASS_DOT:
+        onehot = qcls[:, None] == offs_c[None, :]  # [rows, CP]
+        if KEYS_FIRST:
+            acc = _dot_onehot(dkm, tl.trans(onehot), acc, True, PREC)
+        else:
+            acc = _dot_onehot(tl.trans(dkm), onehot, acc, False, PREC)
+    else:
+        for c in tl.static_range(C):
+            col = tl.sum(tl.where(offs_c[None, :] == c, dkm, 0.0), 1)  # [keys] dKM[j, c]
+            if KEYS_FIRST:
+                acc += tl.where(qcls[None, :] == c, col[:, None], 0.0)
+            else:
+                acc += tl.where(qcls[:, None] == c, col[None, :], 0.0)
+    return acc
+
+
+@triton.jit
 def _reweight_grad(ds, s, q_off, qmask, kcls, MUL, ABS, C: tl.constexpr, KEYS_FIRST: tl.constexpr,
                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
     """dZ = dZ' (1 + MUL + ABS sign(s)) on a key block with several classes (table tiles as in _reweight); ADD has
@@ -81,19 +114,100 @@ def _slope_bcast(t, f_mul, f_abs_signed, HAS_MUL: tl.constexpr, HAS_ABS: tl.cons
     return fac
 
 
-@triton.heuristics({**FEATURE_FLAGS, "WANT_TG": lambda args: args["TG"] is not None})
+@triton.heuristics(FEATURE_FLAGS)
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD, TG,
+def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
+                         qk_scale, wl, wr,
+                         stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_dkmh,
+                         GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
+                         HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                         HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                         HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """DELTA_OUT_i = DELTA_i + sum_j P_ij dKM[j, qclass(i)]: the key masses' share of the row constant (their
+    gradient adds dKM[j, qclass(i)] to dP_ij). Grid (query block, query head, sequence), the forward's key loop."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    q_start = tl.load(CU_Q + n)
+    sq = tl.load(CU_Q + n + 1) - q_start
+    m0 = pid_m * BLOCK_M
+    if m0 >= sq:
+        return
+    k_start = tl.load(CU_K + n)
+    sk = tl.load(CU_K + n + 1) - k_start
+    hk = h // GROUP
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CP)
+    mask_m = offs_m < sq
+    q_rows = (q_start + offs_m).to(tl.int64)
+    q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
+    lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=mask_m, other=float("-inf"))
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: P = 0
+    qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    MUL = _head_table(MUL, h, C, HAS_MUL)
+    ABS = _head_table(ABS, h, C, HAS_ABS)
+    ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_RW:
+        qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
+    DKM_h = DKM + h * stride_dkmh
+    K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
+
+    term = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_last = tl.minimum(m0 + BLOCK_M, sq) - 1
+    lo, nA, startB, nB, startC, nC = _row_ranges(m0, m_last, sq, sk, wl, wr, BLOCK_N, HAS_WL, HAS_WR)
+    for phase in tl.static_range(3):
+        if phase != 0 or HAS_WL:  # the left-edge phase is empty without a left window
+            masked = phase != 1  # the edge phases 0 and 2 mask scores
+            start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+            if HAS_RW:  # the class run of each block's first key, loaded one block ahead
+                run = tl.load(RUNS + k_start + start, mask=nblocks > 0, other=0)
+            for b in range(nblocks):
+                j0 = start + b * BLOCK_N
+                cols = j0 + offs_n
+                kmask = cols < sk
+                k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+                t = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+                if HAS_RW:
+                    one_class, c0 = _one_class(run, j0, sk, BLOCK_N)
+                    run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
+                    if one_class:
+                        f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
+                                                           HAS_ADD)
+                        z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
+                    else:
+                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
+                        z = _reweight(t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, ADD, C, False, HAS_MUL, HAS_ABS,
+                                      HAS_ADD)
+                else:
+                    z = t * qk_scale
+                z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+                dkm = _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C)  # [BLOCK_N, CP]
+                g = _add_dkm(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), dkm, qcls, offs_c, C, False, MASS_DOT,
+                             PREC)  # [BLOCK_M, BLOCK_N] dKM[j, qclass(i)]
+                term += tl.sum(p * g, 1)
+    di = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=mask_m, other=0.0)
+    tl.store(DELTA_OUT + h * stride_lh + q_start + offs_m, di + term, mask=mask_m)
+
+
+@triton.heuristics({**FEATURE_FLAGS, "WANT_TG": lambda args: args["TG"] is not None,
+                    "HAS_DKM": lambda args: args["DKM"] is not None})
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD, TG,
                      scale, qk_scale, wl, wr, HQ, NKB,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-                     stride_lh, stride_dmh,
+                     stride_lh, stride_dmh, stride_dkmh,
                      GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
                      HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                      HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                      WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr, WANT_DADD: tl.constexpr,
-                     WANT_TG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                     WANT_TG: tl.constexpr, HAS_DKM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     n = tl.program_id(2)
@@ -134,6 +248,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
         ADD_h = _head_table(ADD, h, C, HAS_ADD)
         Q_h = Q + h * stride_qh
         DO_h = DO + h * stride_doh
+        if HAS_DKM:  # this key block's dKM rows for head h: [BLOCK_N, CP]
+            dkm = _load_dkm(DKM + h * stride_dkmh, k_rows, mask_n, offs_c, C)
         if WANT_TG:
             tmul = tl.zeros([BLOCK_N, CLASS_TILE], dtype=tl.float32)
             tabs = tl.zeros([BLOCK_N, CLASS_TILE], dtype=tl.float32)
@@ -151,8 +267,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
                     do = _load_tile(DO_h, g_rows, stride_dot, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
                     tT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-                    if HAS_RW:
+                    if HAS_RW or HAS_DKM:
                         qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
+                    if HAS_RW:
                         # table entries (query class, c0) per query row, for a one-class key block ([1, BLOCK_M])
                         q_off = qcls * C
                         t_idx = q_off + c0
@@ -170,6 +287,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
                     pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+                    if HAS_DKM:  # + dKM[j, qclass(i)]
+                        dpT = _add_dkm(dpT, dkm, qcls, offs_c, C, True, MASS_DOT, PREC)
                     if HAS_CLASSES:
                         dm_rows = DMASS + h * stride_dmh + g_rows * C  # [BLOCK_M] row starts of dmass
                         if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
@@ -230,17 +349,17 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DK, DV, CU_Q, CU_K, KCLS, Q
              dv.to(DV.dtype.element_ty), mask=smask)
 
 
-@triton.heuristics(FEATURE_FLAGS)
+@triton.heuristics({**FEATURE_FLAGS, "HAS_DKM": lambda args: args["DKM"] is not None})
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
                    scale, qk_scale, wl, wr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-                   stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh,
+                   stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh, stride_dkmh,
                    GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
                    HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HAS_DKM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.program_id(2)
@@ -269,13 +388,14 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, R
         if MASS_DOT:
             dm = tl.load(dm_rows[:, None] + offs_c[None, :], mask=mask_m[:, None] & (offs_c[None, :] < C),
                          other=0.0)  # [BLOCK_M, CP]
-    if HAS_RW:
+    if HAS_RW or HAS_DKM:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
     if HAS_RW:
         qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
+    DKM_h = DKM + h * stride_dkmh if HAS_DKM else DKM
     abs_sign = tl.where(qk_scale > 0, 1.0, tl.where(qk_scale < 0, -1.0, 0.0))
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
@@ -314,6 +434,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, R
                 z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
+                if HAS_DKM:  # + dKM[j, qclass(i)] from the key block's dKM rows [BLOCK_N, CP]
+                    dp = _add_dkm(dp, _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C), qcls, offs_c, C, False,
+                                  MASS_DOT, PREC)
                 if HAS_CLASSES:
                     if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
                         ds = p * (dp - (di - tl.load(dm_rows + c0, mask=mask_m, other=0.0))[:, None])
@@ -348,12 +471,15 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DQ, CU_Q, CU_K, KCLS, QCLS, R
 _tuned = {}
 
 
+_KERNELS = {"dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "kmd": _bwd_km_delta_kernel}
+
+
 def _get(kind, configs, key, want_tg=False):
+    fn = _KERNELS[kind]
     if INTERPRET:
-        return _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
+        return fn
     key = (kind, want_tg) + key
     if key not in _tuned:
-        fn = _bwd_dkdv_kernel if kind == "dkdv" else _bwd_dq_kernel
         # The table-gradient slots a config writes depend on its BLOCK_N: the autotuner zeroes the buffer before
         # each trial and after choosing, so no trial config leaves stale slots behind.
         extra = dict(key=TUNE_KEY + ["WANT_DMUL", "WANT_DABS", "WANT_DADD"], reset_to_zero=["TG"]) if want_tg else \
@@ -364,9 +490,10 @@ def _get(kind, configs, key, want_tg=False):
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right,
-             table_grads=None):
+             table_grads=None, dkey_mass=None):
     """-> (dq, dk, dv); with ``table_grads=(need_mul, need_abs, need_add)`` -> (dq, dk, dv, dtables), dtables
-    float32 [3, Hq, C, C] (zeros for the tables not asked), reduced per class pair inside the dK/dV kernel."""
+    float32 [3, Hq, C, C] (zeros for the tables not asked), reduced per class pair inside the dK/dV kernel.
+    ``dkey_mass`` [Hq, Tk, C]: the gradient of a loss on key masses; its share of delta is added here."""
     tq, hq, d = q.shape
     tk, hk, _ = k.shape
     nseq = cu_seqlens_q.numel() - 1
@@ -394,19 +521,38 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     block_d = max(16, triton.next_power_of_2(d))
     has_rw = mul is not None or abs_ is not None or add is not None
     prec = dot_precision(q.dtype)
+    # a loss on key masses (only with classes; without rows or keys it has no effect)
+    has_dkm = dkey_mass is not None and has_classes and tq > 0 and tk > 0
+    dkm = dkey_mass.float().contiguous() if has_dkm else None
+    runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
+    shape = (block_d, prec, has_classes, has_rw, q.element_size())
+    key = (dim_bucket(block_d),) + shape[1:] + (str(q.device), tune_count(), has_dkm)
+    if has_dkm:
+        # delta + sum_j P_ij dKM[j, qclass(i)] (a pass over each row's keys), into a new buffer: the autotuner may
+        # run the kernel more than once
+        delta_km = torch.empty_like(delta)
+        _get("kmd", launch_configs("kmd", *shape, q.device), key)[
+            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
+            Q=q, K=k, LSE=lse, DELTA=delta, DKM=dkm, DELTA_OUT=delta_km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
+            KCLS=key_class, QCLS=query_class, RUNS=runs if has_rw else None, MUL=mul, ABS=abs_, ADD=add,
+            qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
+            stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+            stride_lh=lse.stride(0), stride_dkmh=dkm.stride(0),
+            GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec,
+            **launch_blocks())
+        delta = delta_km
     common = dict(
-        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DMASS=dmass, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
+        Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DMASS=dmass, DKM=dkm, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
         KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None,
-        RUNS=class_runs(key_class, cu_seqlens_k) if has_classes else None, MUL=mul, ABS=abs_,
+        RUNS=runs, MUL=mul, ABS=abs_,
         ADD=add, scale=float(scale), qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0), stride_doh=dout.stride(1),
         stride_lh=lse.stride(0), stride_dmh=dmass.stride(0) if has_classes else 0,
+        stride_dkmh=dkm.stride(0) if has_dkm else 0,
         GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec, **launch_blocks())
 
-    shape = (block_d, prec, has_classes, has_rw, q.element_size())
-    key = (dim_bucket(block_d),) + shape[1:] + (str(q.device), tune_count())
-    dkdv_configs = launch_configs("dkdv", *shape, q.device)
+    dkdv_configs = launch_configs("dkdv", *shape, q.device, has_km=has_dkm)
     tg, nkb = None, 1
     if want_tg and tk > 0:
         # one [3, C, C] slot per (sequence, key block, query head), sized for the smallest BLOCK_N of any config
@@ -421,7 +567,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
             WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], **common)
     if tq > 0:
-        _get("dq", launch_configs("dq", *shape, q.device), key)[
+        _get("dq", launch_configs("dq", *shape, q.device, has_km=has_dkm), key)[
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
             DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **common)
     if table_grads is None:

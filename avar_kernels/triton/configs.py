@@ -35,7 +35,8 @@ def dim_bucket(block_d: int) -> int:
 
 
 def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool) -> list[tuple]:
-    """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'), best first.
+    """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'; 'km': the key
+    masses' pass over key blocks, 'kmd': the backward's key-mass share of delta), best first.
 
     Measured on an H200 (bf16, D=128): the forward with masses is fastest at 128 x 64, 8 warps, 3 stages. The
     other orders come from the sm_90a compile (bench/results/aot_triton.md): configs without register spills
@@ -43,6 +44,18 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
     two on the device.
     """
     dim = dim_bucket(block_d)
+    if kernel == "km":  # the dK/dV shape without V and dO: q and lse pipelined, one product of P^T with onehot
+        if prec == "ieee":
+            return [(32, 64, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2)]
+        if dim <= 128:
+            return [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 3)]
+        return [(32, 64, 8, 2), (32, 128, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2)]
+    if kernel == "kmd":  # the forward's shape without V: q held, K and dKM pipelined
+        if prec == "ieee":
+            return [(64, 32, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(32, 32, 4, 2), (16, 32, 4, 2)]
+        if dim <= 128:
+            return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
+        return [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
     if prec == "ieee":  # fp32: CUDA-core products, small tiles (a rare path; keeps compiles short)
         small = dim <= 128
         return {"fwd": [(64, 32, 4, 2), (32, 32, 4, 2)] if small else [(32, 32, 4, 2), (16, 32, 4, 2)],
@@ -80,11 +93,12 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
 
 
 def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes: bool, has_rw: bool,
-                  arch: int) -> int:
+                  arch: int, has_km: bool = False) -> int:
     """Bytes of shared memory a config needs, from above: tiles held for the whole program, `stages` buffers of
     each pipelined load on sm_90 (wgmma), `stages - 1` before, the one-hot class tiles and the halves of the
     operand they multiply (bf16; fp32 for fp32 inputs), reduction and layout-conversion scratch. Table entries are
-    loaded per row into registers: no shared memory."""
+    loaded per row into registers: no shared memory. ``has_km``: dq / dkdv with a key-mass gradient (the dKM tile's
+    halves [BLOCK_N, CLASS_TILE] and onehot(query class) [BLOCK_M, CLASS_TILE])."""
     bm, bn, warps, stages = row
     bufs = stages if arch >= 90 else stages - 1
     # before sm_90 (mma.sync) a score tile changes register layout through shared memory, and dq's dmass too
@@ -93,15 +107,23 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     # by 32 B per head-dim column, fitted on the compiled kernels)
     split = 32 * block_d if warps == 8 and bm <= 64 else 0
     onehot = 2 if elem < 4 else 4  # bytes per element of a one-hot product's operands
+    km = (2 * bn + bm) * CLASS_TILE.value * onehot if has_km else 0
+    if kernel == "km":  # K held; q, lse pipelined; P^T halves [BLOCK_N, BLOCK_M] @ onehot(query class)
+        relayout = 0 if arch >= 90 else bm * bn * 4 + bn * CLASS_TILE.value * 4
+        total = bn * block_d * elem + bufs * (bm * block_d * elem + 4 * bm) + 8 * bn + relayout
+        return total + 2 * bn * bm * onehot + bm * CLASS_TILE.value * onehot
+    if kernel == "kmd":  # q held; K, dKM pipelined; onehot(query class) @ dKM halves^T
+        total = bm * block_d * elem + bufs * (bn * block_d * elem + bn * CLASS_TILE.value * 4) + 8 * bm + split
+        return total + relayout + (bm + 2 * bn) * CLASS_TILE.value * onehot
     if kernel == "fwd":  # q held; K, V pipelined; p @ onehot(key class) [BLOCK_N, CLASS_TILE]
         total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout
         return total + (bn * CLASS_TILE.value * onehot if has_classes else 0)
     if kernel == "dq":  # q, dO held; K, V pipelined; dmass halves [BLOCK_M, CLASS_TILE] @ onehot^T
-        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout
+        total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout + km
         return total + ((2 * bm + bn) * CLASS_TILE.value * onehot if has_classes else 0)
     # dkdv: K, V held; q, dO, lse, delta pipelined; onehot [BLOCK_N, CLASS_TILE] @ dmass halves^T; with tables, the
     # table-gradient products' one-hot(query class) tiles and accumulators
-    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn + relayout
+    total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn + relayout + km
     if has_classes:
         total += (bn + 2 * bm) * CLASS_TILE.value * onehot
     if has_rw:
@@ -116,20 +138,20 @@ def device_arch_and_limit(index: int) -> tuple[int, int]:
 
 
 def kept_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool, elem: int, arch: int,
-              limit: int) -> list[tuple]:
+              limit: int, has_km: bool = False) -> list[tuple]:
     """The candidates whose estimate fits `limit` bytes on `arch` (best first); if none does, the smallest (the
     estimate is an upper bound)."""
     rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw)
-    need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, has_rw, arch) for r in rows}
+    need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, has_rw, arch, has_km) for r in rows}
     return [r for r in rows if need[r] <= limit] or [min(rows, key=need.get)]
 
 
 def launch_configs(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool, elem: int,
-                   device: torch.device) -> list[triton.Config]:
+                   device: torch.device, has_km: bool = False) -> list[triton.Config]:
     """The configs to try on `device`: kept_rows for its architecture, at most tune_count() of them."""
     if device.type == "cuda":
         arch, limit = device_arch_and_limit(device.index if device.index is not None else torch.cuda.current_device())
-        rows = kept_rows(kernel, block_d, prec, has_classes, has_rw, elem, arch, limit)
+        rows = kept_rows(kernel, block_d, prec, has_classes, has_rw, elem, arch, limit, has_km)
     else:  # nothing launches (the AOT report records the arguments): every candidate
         rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

@@ -13,6 +13,12 @@ scalar then says whether the block has one class c0. Such a block adds rowsum(p)
 product) and scales its scores by per-row table entries T[qclass(i), c0] (one load per query row and block)
 instead of a per-score table lookup. Blocks with several classes take the general path: a one-hot product for
 the masses, table tiles spread from per-row entries by C selects.
+
+Key masses (key_mass=True): a row's normaliser is known only after all its keys, so a second kernel
+(_key_mass_kernel) runs after the forward, with the shape of the dK/dV backward: each program owns a key block of
+one (sequence, query head), loops over the query blocks that see it, recomputes P = exp2(z' - lse) and sums P over
+the rows of each query class with a small product P^T onehot(query class) [BLOCK_N, CLASS_TILE]; written once per
+key, no atomics. About one more Q K^T; not launched when key masses are not asked.
 """
 from __future__ import annotations
 
@@ -389,11 +395,111 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Key masses (second pass over key blocks, after the forward has the final lse)
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.heuristics(FEATURE_FLAGS)
+@triton.jit
+def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
+                     qk_scale, wl, wr,
+                     stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_kmh,
+                     GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
+                     HAS_CLASSES: tl.constexpr, HAS_RW: tl.constexpr,
+                     HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
+                     HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """KM[h, j, c] = sum over the rows i of query class c of P[h, i, j]. Grid (key block, query head, sequence):
+    per query head (GQA), so every key's row of KM is written once by one program."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.program_id(2)
+    k_start = tl.load(CU_K + n)
+    sk = tl.load(CU_K + n + 1) - k_start
+    n0 = pid_n * BLOCK_N
+    if n0 >= sk:
+        return
+    q_start = tl.load(CU_Q + n)
+    sq = tl.load(CU_Q + n + 1) - q_start
+    hk = h // GROUP
+
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, CP)
+    mask_n = offs_n < sk
+    k_rows = (k_start + offs_n).to(tl.int64)
+    k = _load_tile(K + hk * stride_kh, k_rows, stride_kt, mask_n, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
+    if HAS_RW:
+        kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
+        one_class, c0 = _one_class(tl.load(RUNS + k_start + n0), n0, sk, BLOCK_N)
+    MUL = _head_table(MUL, h, C, HAS_MUL)
+    ABS = _head_table(ABS, h, C, HAS_ABS)
+    ADD = _head_table(ADD, h, C, HAS_ADD)
+    Q_h = Q + h * stride_qh
+    LSE_h = LSE + h * stride_lh + q_start
+
+    km = tl.zeros([BLOCK_N, CP], dtype=tl.float32)
+    n_last = tl.minimum(n0 + BLOCK_N, sk) - 1
+    lo, nA, startB, nB, startC, nC = _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK_M, HAS_WL, HAS_WR)
+    for phase in tl.static_range(3):
+        if phase != 0 or HAS_WR:  # the first query phase (a masked upper edge) exists only with a right window
+            masked = phase != 1  # the edge phases 0 and 2 mask scores
+            start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
+            for b in range(nblocks):
+                rows = start + b * BLOCK_M + offs_m
+                rmask = rows < sq
+                q = _load_tile(Q_h, (q_start + rows).to(tl.int64), stride_qt, rmask, offs_d, masked, HEAD_DIM,
+                               BLOCK_D)  # [BLOCK_M, BLOCK_D]
+                lse = tl.load(LSE_h + rows, mask=rmask, other=float("-inf"))
+                # rows without keys (and padding rows) get lse = +inf in log2 units: P = 0, no NaN
+                lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # [BLOCK_M]
+                qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
+                tT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
+                if HAS_RW:
+                    q_off = qcls * C
+                    if one_class:  # table entries (query class, c0) per query row, broadcast over keys
+                        t_idx = q_off + c0
+                        f_mul = tl.load(MUL + t_idx, mask=rmask, other=0.0)[None, :] if HAS_MUL else 0.0
+                        f_abs = tl.load(ABS + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ABS else 0.0
+                        f_add = tl.load(ADD + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ADD else 0.0
+                        zT = _reweight_bcast(tT, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
+                    else:
+                        zT = _reweight(tT * qk_scale, q_off, rmask, kcls, MUL, ABS, ADD, C, True, HAS_MUL, HAS_ABS,
+                                       HAS_ADD)
+                else:
+                    zT = tT * qk_scale
+                zT = _mask_scores(zT, rows[None, :], offs_n[:, None], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
+                if MASS_DOT:  # per key, the row sums by query class: pT @ onehot(query class)
+                    onehot = qcls[:, None] == offs_c[None, :]  # [BLOCK_M, CP]
+                    km = _dot_onehot(pT, onehot, km, True, PREC)
+                else:
+                    for c in tl.static_range(C):
+                        pc = tl.sum(tl.where(qcls[None, :] == c, pT, 0.0), 1)  # [BLOCK_N]
+                        km += tl.where(offs_c[None, :] == c, pc[:, None], 0.0)
+    tl.store(KM + h * stride_kmh + k_rows[:, None] * C + offs_c[None, :], km,
+             mask=mask_n[:, None] & (offs_c[None, :] < C))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------
 
 TUNE_KEY = ["HEAD_DIM", "C", "GROUP", "wl", "wr", "MASS_DOT", "PREC"]
 _fwd_tuned = {}
+
+
+_km_tuned = {}
+
+
+def _get_km(block_d, prec, has_rw, elem, device):
+    if INTERPRET:
+        return _key_mass_kernel
+    key = (dim_bucket(block_d), prec, has_rw, elem, str(device), tune_count())
+    if key not in _km_tuned:
+        configs = launch_configs("km", block_d, prec, True, has_rw, elem, device)
+        _km_tuned[key] = triton.autotune(configs=configs, key=TUNE_KEY)(_key_mass_kernel)
+    return _km_tuned[key]
 
 
 def _get_fwd(block_d, prec, has_classes, has_rw, elem, device):
@@ -432,23 +538,27 @@ def launch_blocks():
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False):
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False, key_mass=False):
     """-> (out, lse, mass) of docs/backends.md; ``out_fp32``: out in float32 whatever q's dtype (the unrounded
-    output, from which the dispatcher forms delta = <dO, O> for fp16/bf16 training)."""
+    output, from which the dispatcher forms delta = <dO, O> for fp16/bf16 training); ``key_mass``: a fourth output
+    key_mass [Hq, Tk, C] float32 (the attention each key receives from the rows of each query class)."""
     tq, hq, d = q.shape
-    hk = k.shape[1]
+    tk, hk = k.shape[0], k.shape[1]
     nseq = cu_seqlens_q.numel() - 1
     C = int(num_classes)
     out = torch.empty_like(q, dtype=torch.float32 if out_fp32 else q.dtype)
     lse = torch.empty(hq, tq, device=q.device, dtype=torch.float32)
     mass = torch.empty(hq, tq, C, device=q.device, dtype=torch.float32)
     if tq == 0 or nseq == 0:
+        if key_mass:  # no query rows: every key receives nothing
+            return out, lse, mass, torch.zeros(hq, tk, C, device=q.device, dtype=torch.float32)
         return out, lse, mass
     block_d = max(16, triton.next_power_of_2(d))
     prec = dot_precision(q.dtype)
     has_classes = C > 0
     has_rw = mul is not None or abs_ is not None or add is not None
     kern = _get_fwd(block_d, prec, has_classes, has_rw, q.element_size(), q.device)
+    runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)
@@ -456,10 +566,23 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     kern[grid](
         Q=q, K=k, V=v, O=out, LSE=lse, MASS=mass if has_classes else None, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
         KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None,
-        RUNS=class_runs(key_class, cu_seqlens_k) if has_classes else None,
-        MUL=mul, ABS=abs_, ADD=add, qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
+        RUNS=runs, MUL=mul, ABS=abs_, ADD=add, qk_scale=float(scale) * LOG2E.value, wl=int(window_left),
+        wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_lh=lse.stride(0), stride_mh=mass.stride(0),
         GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=MASS_DOT, PREC=prec, **launch_blocks())
-    return out, lse, mass
+    if not key_mass:
+        return out, lse, mass
+    if not has_classes or tk == 0:
+        return out, lse, mass, torch.zeros(hq, tk, C, device=q.device, dtype=torch.float32)
+    km = torch.empty(hq, tk, C, device=q.device, dtype=torch.float32)
+    _get_km(block_d, prec, has_rw, q.element_size(), q.device)[
+        lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hq, nseq)](
+        Q=q, K=k, LSE=lse, KM=km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, KCLS=key_class, QCLS=query_class,
+        RUNS=runs if has_rw else None, MUL=mul, ABS=abs_, ADD=add,
+        qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
+        stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
+        stride_lh=lse.stride(0), stride_kmh=km.stride(0),
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=MASS_DOT, PREC=prec, **launch_blocks())
+    return out, lse, mass, km
