@@ -1,7 +1,11 @@
 """The C++ CPU backend (``avar_kernels._C`` / ``_C_avx2``): a thin wrapper that follows docs/backends.md.
 
 The kernel itself computes in float32 or float64; fp16 / bf16 inputs are converted to float32 here and
-the outputs cast back (out, dq, dk, dv to the input dtype; lse and mass stay float32).
+the outputs cast back (out, dq, dk, dv to the input dtype; lse, mass and key_mass stay float32).
+
+Key masses (``KEY_MASS = True``): ``forward(..., key_mass=True)`` also returns ``key_mass [Hq, Tk, C]`` from a
+second pass of the kernel over the key blocks once every row's lse is known; ``backward(..., dkey_mass=...)``
+adds that gradient to dP and its row term to delta inside the kernel (docs/backends.md).
 
 Two builds of the same source (see setup.py): ``_C_avx2`` (AVX2 + FMA) is loaded when torch reports an AVX2 or
 AVX-512 CPU, the portable ``_C`` otherwise (or with ``ATEN_CPU_CAPABILITY=default``); ``VARIANT`` names the one
@@ -33,6 +37,9 @@ def _load():
 
 _C, VARIANT, _IMPORT_ERROR = _load()
 
+# The dispatcher asks this backend for key masses (forward keyword key_mass, backward keyword dkey_mass).
+KEY_MASS = True
+
 
 class CpuExtensionNotBuilt(ImportError):
     """Raised when the CPU backend is used but the C++ extension is missing."""
@@ -58,8 +65,9 @@ def _to(t, dtype):
 
 
 def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key_class, query_class,
-            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False):
-    """Packed form -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq], mass [Hq, Tq, C]) (fp32; fp64 for fp64).
+            num_classes, mul, abs_, add, scale, window_left, window_right, out_fp32=False, key_mass=False):
+    """Packed form -> (out [Tq, Hq, D] in q's dtype, lse [Hq, Tq], mass [Hq, Tq, C]) (fp32; fp64 for fp64), and
+    with ``key_mass=True`` a fourth output ``key_mass [Hq, Tk, C]`` (same dtype as mass).
 
     ``out_fp32=True`` returns out in float32 whatever q's dtype: for fp16 / bf16 inputs the kernel's float32
     result without the rounding to q's dtype, so that the backward's delta = <dO, O> is formed from it.
@@ -70,17 +78,22 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     out = torch.empty(q.shape, dtype=cdt)
     lse = torch.empty(hq, tq, dtype=cdt)
     mass = torch.empty(hq, tq, num_classes, dtype=cdt)
+    km = torch.empty(hq, k.shape[0], num_classes, dtype=cdt) if key_mass else None
     ext.forward(_to(q, cdt), _to(k, cdt), _to(v, cdt), cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(),
                 int(max_seqlen_q), int(max_seqlen_k), _to(key_class, torch.int32), _to(query_class, torch.int32),
                 int(num_classes), _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
-                float(scale), int(window_left), int(window_right), out, lse, mass)
-    return out.to(torch.float32 if out_fp32 else q.dtype), lse, mass
+                float(scale), int(window_left), int(window_right), out, lse, mass, km)
+    out = out.to(torch.float32 if out_fp32 else q.dtype)
+    return (out, lse, mass, km) if key_mass else (out, lse, mass)
 
 
 def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
              key_class, query_class, num_classes, mul, abs_, add, scale, window_left, window_right,
-             table_grads=None):
+             table_grads=None, dkey_mass=None):
     """Packed form -> (dq [Tq, Hq, D], dk, dv [Tk, Hk, D]) in the inputs' dtype.
+
+    ``dkey_mass [Hq, Tk, C]`` (or None): the gradient of the key masses. ``delta`` is the dispatcher's, without
+    the key-mass term ``sum_j P_ij dkey_mass[j, qclass(i)]``: the kernel adds it (it needs P).
 
     With ``table_grads=(need_mul, need_abs, need_add)`` (any True, each asked table present) it returns
     ``(dq, dk, dv, dtables)`` with ``dtables`` float32 ``[3, Hq, C, C]``: the gradients of MUL, ABS, ADD
@@ -94,7 +107,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                        cu_seqlens_k.contiguous(), int(max_seqlen_q), int(max_seqlen_k),
                        _to(key_class, torch.int32), _to(query_class, torch.int32), int(num_classes),
                        _to(mul, torch.float32), _to(abs_, torch.float32), _to(add, torch.float32),
-                       float(scale), int(window_left), int(window_right), *want)
+                       float(scale), int(window_left), int(window_right), *want, _to(dkey_mass, cdt))
     dq, dk, dv = res[0].to(q.dtype), res[1].to(k.dtype), res[2].to(v.dtype)
     if table_grads is None:
         return dq, dk, dv

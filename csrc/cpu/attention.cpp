@@ -410,14 +410,188 @@ void forward_kernel(const Problem& P, const T* q, const T* k, const T* v, T* out
 }
 
 // ----------------------------------------------------------------------------------------------
+// One tile of probabilities, for the passes that know the rows' final lse (backward, key masses, their delta term).
+// ----------------------------------------------------------------------------------------------
+template <typename T>
+struct ProbScratch {
+  std::vector<T> lsub, nan_p;
+  std::vector<int64_t> nan_rows;
+  TileTables<T> tt;
+};
+
+// St[c0:c1, :nqp] (key-major) = P = exp(z' - lse) of tile (i0, j0) of the grid: the forward's score product bit
+// for bit, then the re-weighting (with G = dz'/dz and Z = the raw scores when those are non-null), the mask, exp.
+// P is 0 where masked, on the padding queries and on rows without keys (lse = -inf); rows whose lse is NaN or
+// +inf take exp(z' - lse) as the reference forms it (NaN on their visible keys). lse_t: lse of the tile's first
+// query; qcls: query classes of the tile's queries. Returns false, computing nothing, when no row has a key.
+template <typename T>
+bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ldq, int64_t ldk, const T* lse_t,
+               const int32_t* qcls, const int32_t* kcls, T* St, T* G, T* Z, int64_t ldt, int64_t j0, TileCols tc,
+               int64_t off, int64_t i0, int64_t nq, int64_t nqp, ProbScratch<T>& ps) {
+  const int64_t w = tc.c1 - tc.c0, D = P.d;
+  ps.lsub.resize(nqp);
+  ps.nan_rows.clear();
+  bool any = false;
+  for (int64_t r = 0; r < nqp; ++r) {
+    const T L = r < nq ? lse_t[r] : -kInf<T>;
+    any = any || L != -kInf<T>;
+    if (L == -kInf<T>) ps.lsub[r] = kInf<T>;
+    else if (L < kInf<T>) ps.lsub[r] = L;
+    else {
+      ps.lsub[r] = T(0);
+      ps.nan_rows.push_back(r);
+    }
+  }
+  if (!any) return false;
+  T* Sc = St + tc.c0 * ldt;
+  // The forward's call, bit for bit.
+  blas_gemm('T', 'N', nq, w, D, static_cast<T>(P.scale), qp, ldq, kp, ldk, T(0), Sc, ldt);
+  if (Z)
+    for (int64_t c = tc.c0; c < tc.c1; ++c) std::copy(St + c * ldt, St + c * ldt + nqp, Z + c * ldt);
+  if (P.has_rw) {
+    ps.tt.fill_rows(P, h, qcls, nq, ldt);
+    reweight_tile<T>(P, ps.tt, kcls, St, G, ldt, tc.c0, tc.c1, nqp);
+  }
+  mask_tile<T>(P, St, ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, -kInf<T>);
+  const std::vector<int64_t>& nr = ps.nan_rows;
+  ps.nan_p.resize(nr.size() * w);
+  for (size_t u = 0; u < nr.size(); ++u) {
+    const int64_t r = nr[u];
+    const T L = lse_t[r];
+    for (int64_t c = tc.c0; c < tc.c1; ++c) {
+      const T z = St[c * ldt + r];
+      ps.nan_p[u * w + c - tc.c0] = z == -kInf<T> ? T(0) : std::exp(z - L);
+    }
+  }
+  tile_exp<T>(St, ldt, tc.c0, tc.c1, nqp, ps.lsub.data(), nullptr, nullptr);
+  for (size_t u = 0; u < nr.size(); ++u)
+    for (int64_t c = tc.c0; c < tc.c1; ++c) St[c * ldt + nr[u]] = ps.nan_p[u * w + c - tc.c0];
+  return true;
+}
+
+// oh[b * ldt + r] = 1 where query r of the tile has class b, else 0 (also on the padding): the one-hot matrix
+// [nq x C] (column-major, ld ldt) that turns per-query sums into per-class sums in one small BLAS product.
+template <typename T>
+inline void onehot_rows(const int32_t* qcls, int64_t nq, int64_t C, int64_t ldt, T* oh) {
+  std::fill(oh, oh + C * ldt, T(0));
+  for (int64_t r = 0; r < nq; ++r) oh[qcls[r] * ldt + r] = T(1);
+}
+
+// ----------------------------------------------------------------------------------------------
+// Key masses (forward, after lse is known): a second pass over the grid in the backward's order.
+// ----------------------------------------------------------------------------------------------
+// km[h, j, b] = sum over rows i of query class b of P[h, i, j]. Tasks are (sequence, head, key block): each owns
+// the key masses of its keys (zeroed here, so keys no row sees and sequences without queries read 0), walks the
+// query tiles that see the block and adds onehot^T P (a [C x keys] product) to them: no atomics, no S x S buffer,
+// one more Q K^T than the forward.
+template <typename T>
+void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* km, int64_t Tq, int64_t Tk) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
+  const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C;
+  const int64_t ldq = Hq * D, ldk = Hk * D;
+  struct KmTask {
+    int32_t n, h;
+    int64_t j0;
+  };
+  std::vector<KmTask> tasks;
+  for (int64_t n = 0; n < P.num_seqs; ++n) {
+    const int64_t sk = P.cu_k[n + 1] - P.cu_k[n];
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t j0 = 0; j0 < sk; j0 += KB) tasks.push_back({(int32_t)n, (int32_t)h, j0});
+  }
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
+    std::vector<T> St(KB * ldt), oh(C * ldt);
+    ProbScratch<T> ps;
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t n = tasks[t].n, h = tasks[t].h, j0 = tasks[t].j0, hkv = h / P.group;
+      const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
+      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0, off = sk - sq;
+      const int64_t nk = std::min(KB, sk - j0);
+      T* kmb = km + (h * Tk + k0 + j0) * C;  // [nk, C]: column-major [C x nk], ld C
+      std::fill(kmb, kmb + nk * C, T(0));
+      if (sq == 0) continue;
+      const int32_t* kcls = P.key_class + k0 + j0;
+      const int64_t is = P.wr < 0 ? 0 : std::max<int64_t>(0, j0 - off - P.wr);
+      const int64_t ie = P.wl < 0 ? sq : std::min<int64_t>(sq, j0 + nk - 1 - off + P.wl + 1);
+      for (int64_t i0 = round_down(is, QB); i0 < ie; i0 += QB) {
+        const int64_t i1 = std::min(i0 + QB, sq), nq = i1 - i0, nqp = round_up(nq, VS);
+        const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
+        if (tc.c1 <= tc.c0) continue;
+        const int64_t w = tc.c1 - tc.c0;
+        const int32_t* qcls = P.query_class + q0 + i0;
+        if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
+                          lse + h * Tq + q0 + i0, qcls, kcls, St.data(), nullptr, nullptr, ldt, j0, tc, off, i0, nq,
+                          nqp, ps))
+          continue;
+        onehot_rows<T>(qcls, nq, C, ldt, oh.data());
+        // km[c0:c1, :] (as [C x w]) += onehot^T P.
+        blas_gemm('T', 'N', C, w, nq, T(1), oh.data(), ldt, St.data() + tc.c0 * ldt, ldt, T(1), kmb + tc.c0 * C, C);
+      }
+    }
+  });
+}
+
+// The key-mass term of the backward's row constant: delta[h, i] += sum_j P_ij dkm[h, j, qclass(i)], with
+// Y = P dkm^T ([queries x C], accumulated over the key blocks) read at each row's class. Tasks are
+// (sequence, head, query tile), as in the forward; each owns its rows of delta.
+template <typename T>
+void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* lse, const T* dkm, T* delta,
+                           int64_t Tk) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
+  const int64_t D = P.d, Hq = P.hq, Hk = P.hk, C = P.C;
+  const int64_t ldq = Hq * D, ldk = Hk * D;
+  const int64_t Tq = P.cu_q[P.num_seqs];
+  std::vector<FwdTask> tasks;
+  for (int64_t n = 0; n < P.num_seqs; ++n) {
+    const int64_t sq = P.cu_q[n + 1] - P.cu_q[n];
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t i0 = 0; i0 < sq; i0 += QB) tasks.push_back({(int32_t)n, (int32_t)h, i0, std::min(i0 + QB, sq)});
+  }
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
+    std::vector<T> St(KB * ldt), Y(C * ldt);
+    ProbScratch<T> ps;
+    for (int64_t t = tb; t < te; ++t) {
+      const FwdTask& tk = tasks[t];
+      const int64_t n = tk.n, h = tk.h, hkv = h / P.group;
+      const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
+      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0, off = sk - sq;
+      const int64_t i0 = tk.i0, i1 = tk.i1, nq = i1 - i0, nqp = round_up(nq, VS);
+      if (sk == 0) continue;
+      std::fill(Y.begin(), Y.end(), T(0));
+      const int32_t* qcls = P.query_class + q0 + i0;
+      const int64_t kmin = P.lo(i0, sq, sk), kmax = P.hi(i1 - 1, sq, sk);
+      for (int64_t j0 = round_down(std::max<int64_t>(kmin, 0), KB); j0 <= kmax && j0 < sk; j0 += KB) {
+        const int64_t nk = std::min(KB, sk - j0);
+        const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
+        if (tc.c1 <= tc.c0) continue;
+        const int64_t w = tc.c1 - tc.c0;
+        if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
+                          lse + h * Tq + q0 + i0, qcls, P.key_class + k0 + j0, St.data(), nullptr, nullptr, ldt, j0,
+                          tc, off, i0, nq, nqp, ps))
+          break;  // no row of the tile has a key: the same for every key block
+        // Y[nq x C] += P[nq x w] dkm[c0:c1, :].
+        blas_gemm('N', 'T', nq, C, w, T(1), St.data() + tc.c0 * ldt, ldt, dkm + (h * Tk + k0 + j0 + tc.c0) * C, C,
+                  T(1), Y.data(), ldt);
+      }
+      for (int64_t r = 0; r < nq; ++r) delta[h * Tq + q0 + i0 + r] += Y[qcls[r] * ldt + r];
+    }
+  });
+}
+
+// ----------------------------------------------------------------------------------------------
 // Backward.
 // ----------------------------------------------------------------------------------------------
 template <typename T>
-void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* delta, const T* q, const T* k,
-                     const T* v, const T* lse, T* dq, T* dk_full, T* dv_full, int64_t Tq, const bool* want,
-                     double* dtab) {
+void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* dkm, const T* delta, const T* q,
+                     const T* k, const T* v, const T* lse, T* dq, T* dk_full, T* dv_full, int64_t Tq, int64_t Tk,
+                     const bool* want, double* dtab) {
   // want[0..2]: gradients of MUL, ABS, ADD requested; then dtab [N, 3, Hq, C, C] receives, for task (n, h),
   // the sums over its visible (i, j) of dZ' * z, dZ' * |z| and dZ' by (class(i), class(j)).
+  // dkm [Hq, Tk, C] (or null): the key masses' gradient; delta then already holds its term (key_mass_delta_kernel).
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
@@ -434,11 +608,10 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
     std::vector<T> St(KB * ldt), dPt(KB * ldt), G, Z;
     if (P.has_rw) G.resize(KB * ldt);
     if (want_z) Z.resize(KB * ldt);  // raw scores, kept only for the MUL / ABS gradients
-    std::vector<T> lsub(ldt), cst(slots * ldt), tsum(want_tab ? 3 * C * ldt : 0), nan_rows_p;
-    std::vector<int64_t> nan_rows;
+    std::vector<T> cst(slots * ldt), tsum(want_tab ? 3 * C * ldt : 0), oh(dkm ? C * ldt : 0);
+    ProbScratch<T> ps;
     std::vector<double> tacc(want_tab ? 3 * kMaxClasses * kMaxClasses : 0);
     std::vector<T> dK(KB * D), dV(KB * D);
-    TileTables<T> tt;
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = tasks[t].first, h = tasks[t].second, hkv = h / P.group;
       const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
@@ -465,45 +638,18 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
           const T* vp = v + (k0 + j0 + tc.c0) * ldk + hkv * D;
           T* Sc = St.data() + tc.c0 * ldt;
           T* dPc = dPt.data() + tc.c0 * ldt;
-          // P = exp(z' - lse): 0 on empty rows (lse = -inf); rows whose lse is NaN or +inf take exp(z' - lse)
-          // as the reference forms it.
-          nan_rows.clear();
-          bool any = false;
-          for (int64_t r = 0; r < nqp; ++r) {
-            const T L = r < nq ? lse[h * Tq + q0 + i0 + r] : -kInf<T>;
-            any = any || L != -kInf<T>;
-            if (L == -kInf<T>) lsub[r] = kInf<T>;
-            else if (L < kInf<T>) lsub[r] = L;
-            else {
-              lsub[r] = T(0);
-              nan_rows.push_back(r);
-            }
-          }
-          if (!any) continue;
-          // The forward's call, bit for bit.
-          blas_gemm('T', 'N', nq, w, D, static_cast<T>(P.scale), qp, ldq, kp, ldk, T(0), Sc, ldt);
-          if (want_z)
-            for (int64_t c = tc.c0; c < tc.c1; ++c) std::copy(Sc + (c - tc.c0) * ldt, Sc + (c - tc.c0) * ldt + nqp,
-                                                               Z.data() + c * ldt);
-          if (P.has_rw) {
-            tt.fill_rows(P, h, P.query_class + q0 + i0, nq, ldt);
-            reweight_tile<T>(P, tt, kcls, St.data(), G.data(), ldt, tc.c0, tc.c1, nqp);
-          }
-          mask_tile<T>(P, St.data(), ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, -kInf<T>);
-          nan_rows_p.resize(nan_rows.size() * w);
-          for (size_t u = 0; u < nan_rows.size(); ++u) {
-            const int64_t r = nan_rows[u];
-            const T L = lse[h * Tq + q0 + i0 + r];
-            for (int64_t c = tc.c0; c < tc.c1; ++c) {
-              const T z = St[c * ldt + r];
-              nan_rows_p[u * w + c - tc.c0] = z == -kInf<T> ? T(0) : std::exp(z - L);
-            }
-          }
-          tile_exp<T>(St.data(), ldt, tc.c0, tc.c1, nqp, lsub.data(), nullptr, nullptr);
-          for (size_t u = 0; u < nan_rows.size(); ++u)
-            for (int64_t c = tc.c0; c < tc.c1; ++c) St[c * ldt + nan_rows[u]] = nan_rows_p[u * w + c - tc.c0];
+          const int32_t* qcls = P.query_class ? P.query_class + q0 + i0 : nullptr;
+          if (!prob_tile<T>(P, h, qp, kp, ldq, ldk, lse + h * Tq + q0 + i0, qcls, kcls, St.data(),
+                            P.has_rw ? G.data() : nullptr, want_z ? Z.data() : nullptr, ldt, j0, tc, off, i0, nq, nqp,
+                            ps))
+            continue;
           // dP[c0:c1, :nq] (key-major) = V dO^T.
           blas_gemm('T', 'N', nq, w, D, T(1), dop, ldq, vp, ldk, T(0), dPc, ldt);
+          if (dkm) {  // dP += dkm[j, qclass(i)]: onehot [nq x C] times dkm[c0:c1, :] as [C x w]
+            onehot_rows<T>(qcls, nq, C, ldt, oh.data());
+            blas_gemm('N', 'N', nq, w, C, T(1), oh.data(), ldt, dkm + (h * Tk + k0 + j0 + tc.c0) * C, C, T(1), dPc,
+                      ldt);
+          }
           // dV[w x D] += P^T dO.
           blas_gemm('N', 'N', D, w, nq, T(1), dop, ldq, Sc, ldt, T(1), dV.data() + tc.c0 * D, D);
           // dZ' = P (dP + dmass[i, class(j)] - delta_i): one constant per (class, query).
@@ -635,7 +781,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const c10::optional<at::Tensor>& query_class, int64_t num_classes,
                                 const c10::optional<at::Tensor>& mul, const c10::optional<at::Tensor>& abs_,
                                 const c10::optional<at::Tensor>& add, double scale, int64_t window_left,
-                                int64_t window_right, at::Tensor out, at::Tensor lse, at::Tensor mass) {
+                                int64_t window_right, at::Tensor out, at::Tensor lse, at::Tensor mass,
+                                const c10::optional<at::Tensor>& key_mass) {
   // The outputs are allocated by the caller (torch.empty in Python), so tests can poison them with NaN
   // and catch any element the kernel forgets to write.
   (void)max_seqlen_q;
@@ -654,11 +801,24 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                   lse.is_contiguous(), "avar cpu: lse must be a contiguous [Hq, Tq] tensor of q's dtype");
   TORCH_CHECK(mass.sizes() == at::IntArrayRef({P.hq, Tq, num_classes}) && mass.scalar_type() == qc.scalar_type() &&
                   mass.is_contiguous(), "avar cpu: mass must be a contiguous [Hq, Tq, C] tensor of q's dtype");
-  if (Tq == 0) return {out, lse, mass};
+  const int64_t Tk = kc.size(0);
+  const bool want_km = key_mass.has_value() && key_mass->defined();
+  if (want_km) {
+    TORCH_CHECK(key_mass->sizes() == at::IntArrayRef({P.hq, Tk, num_classes}) &&
+                    key_mass->scalar_type() == qc.scalar_type() && key_mass->is_contiguous(),
+                "avar cpu: key_mass must be a contiguous [Hq, Tk, C] tensor of q's dtype");
+    TORCH_CHECK(num_classes == 0 || P.has_query_class, "avar cpu: key masses need query_class");
+  }
   AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "avar_cpu_forward", [&] {
-    forward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
-                             out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(), Tq);
+    if (Tq > 0)
+      forward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
+                               out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(), Tq);
+    // After lse is known: every key of every sequence is written (0 where no row sees it).
+    if (want_km && num_classes > 0 && Tk > 0)
+      key_mass_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                key_mass->data_ptr<scalar_t>(), Tq, Tk);
   });
+  if (want_km) return {out, lse, mass, *key_mass};
   return {out, lse, mass};
 }
 
@@ -670,7 +830,8 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
                                  const c10::optional<at::Tensor>& query_class, int64_t num_classes,
                                  const c10::optional<at::Tensor>& mul, const c10::optional<at::Tensor>& abs_,
                                  const c10::optional<at::Tensor>& add, double scale, int64_t window_left,
-                                 int64_t window_right, bool want_dmul, bool want_dabs, bool want_dadd) {
+                                 int64_t window_right, bool want_dmul, bool want_dabs, bool want_dadd,
+                                 const c10::optional<at::Tensor>& dkey_mass) {
   (void)max_seqlen_q;
   (void)max_seqlen_k;
   (void)out;
@@ -682,11 +843,18 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
   auto doc = dout.to(st).contiguous();
   auto lsec = lse.to(st).contiguous();
   auto dlc = delta.to(st).contiguous();
-  at::Tensor dmc;
+  at::Tensor dmc, dkmc;
   if (dmass.has_value() && dmass->defined() && num_classes > 0) dmc = dmass->to(st).contiguous();
   Problem P = make_problem(qc, kc, cu_seqlens_q, cu_seqlens_k, key_class, query_class, num_classes, mul, abs_, add,
                            scale, window_left, window_right);
   const int64_t Tq = qc.size(0), Tk = kc.size(0);
+  if (dkey_mass.has_value() && dkey_mass->defined() && num_classes > 0) {
+    TORCH_CHECK(dkey_mass->sizes() == at::IntArrayRef({P.hq, Tk, num_classes}),
+                "avar cpu: dkey_mass must be [Hq, Tk, C]");
+    TORCH_CHECK(P.has_query_class, "avar cpu: dkey_mass needs query_class");
+    dkmc = dkey_mass->to(st).contiguous();
+    dlc = dlc.clone();  // gets the key-mass term; the caller's delta is left as it was
+  }
   auto dq = at::zeros_like(qc);
   auto dk_full = at::zeros({Tk, P.hq, P.d}, qc.options());
   auto dv_full = at::zeros({Tk, P.hq, P.d}, qc.options());
@@ -697,10 +865,15 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
   at::Tensor dtab_seq = at::zeros({want_tab ? P.num_seqs : 0, 3, P.hq, P.C, P.C}, qc.options().dtype(at::kDouble));
   if (Tq > 0 && Tk > 0) {
     AT_DISPATCH_FLOATING_TYPES(st, "avar_cpu_backward", [&] {
-      backward_kernel<scalar_t>(P, doc.data_ptr<scalar_t>(), dmc.defined() ? dmc.data_ptr<scalar_t>() : nullptr,
+      const scalar_t* dkm = dkmc.defined() ? dkmc.data_ptr<scalar_t>() : nullptr;
+      // delta_i += sum_j P_ij dkm[j, qclass(i)] first: every key tile of a row needs the row's final delta.
+      if (dkm)
+        key_mass_delta_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
+                                        lsec.data_ptr<scalar_t>(), dkm, dlc.data_ptr<scalar_t>(), Tk);
+      backward_kernel<scalar_t>(P, doc.data_ptr<scalar_t>(), dmc.defined() ? dmc.data_ptr<scalar_t>() : nullptr, dkm,
                                 dlc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
                                 vc.data_ptr<scalar_t>(), lsec.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
-                                dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq, want,
+                                dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq, Tk, want,
                                 want_tab ? dtab_seq.data_ptr<double>() : nullptr);
     });
   }
@@ -721,11 +894,14 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "avar-kernels CPU backend: fused attention with per-class attention mass and re-weighting";
-  m.def("forward", &avar::forward, "fused attention forward (packed layout), writes out, lse, mass; returns them",
+  m.def("forward", &avar::forward,
+        "fused attention forward (packed layout), writes out, lse, mass (and key_mass [Hq, Tk, C] when given); "
+        "returns them",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("key_class"), py::arg("query_class"),
         py::arg("num_classes"), py::arg("mul"), py::arg("abs_"), py::arg("add"), py::arg("scale"),
-        py::arg("window_left"), py::arg("window_right"), py::arg("out"), py::arg("lse"), py::arg("mass"));
+        py::arg("window_left"), py::arg("window_right"), py::arg("out"), py::arg("lse"), py::arg("mass"),
+        py::arg("key_mass") = py::none());
   m.def("backward", &avar::backward,
         "fused attention backward (packed layout) -> (dq, dk, dv[, dtables [3, Hq, C, C] when a table gradient is "
         "asked])", py::arg("dout"),
@@ -734,5 +910,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("max_seqlen_k"), py::arg("key_class"), py::arg("query_class"), py::arg("num_classes"),
         py::arg("mul"), py::arg("abs_"), py::arg("add"), py::arg("scale"), py::arg("window_left"),
         py::arg("window_right"), py::arg("want_dmul") = false, py::arg("want_dabs") = false,
-        py::arg("want_dadd") = false);
+        py::arg("want_dadd") = false, py::arg("dkey_mass") = py::none());
 }
