@@ -71,8 +71,9 @@ def make_case(lq, lk, hq, hk, d, c, rw, dtype, gen, device=DEV, layout="random")
 
 
 def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=torch.float32, seed=0,
-             backward=True, device=DEV, out_fp32=False, poison=None, layout="random"):
-    """Forward (and backward) against the float64 reference; returns [out, lse, mass(, dq, dk, dv)].
+             backward=True, device=DEV, out_fp32=False, poison=None, layout="random", key_mass=False):
+    """Forward (and backward) against the float64 reference; returns [out, lse, mass(, dq, dk, dv)] (with
+    ``key_mass``: key_mass after mass, and a loss on it in the backward).
     poison(q, k, v) edits the float64 inputs in place (non-finite values): then out, lse and mass must be NaN exactly
     where the reference's are, and a gradient has NaN when the reference's has (the exact entries differ: the
     reference's dense products also reach masked scores through 0 * NaN, the kernel's visit key blocks); entries
@@ -87,42 +88,53 @@ def run_case(lq, lk, hq, hk, d, c, causal=False, window=None, rw="none", dtype=t
     dout = torch.randn(q64.shape, generator=gen, dtype=torch.float64).to(device)
     dmass = torch.randn(hq, tq, c, generator=gen, dtype=torch.float64).to(device) if c else None
     dlse = torch.randn(hq, tq, generator=gen, dtype=torch.float64).to(device)
+    dkm = torch.randn(hq, k64.shape[0], c, generator=gen, dtype=torch.float64).to(device) if key_mass else None
 
     def reference(dt):
         q, k, v = (t.to(device=device, dtype=dt).requires_grad_(True) for t in (q64, k64, v64))
-        out, lse, mass = R.forward(q, k, v, *args)
+        res = R.forward(q, k, v, *args, key_mass=key_mass)
+        out, lse, mass = res[:3]
         loss = (out.double() * dout).sum()
         fin = torch.isfinite(lse)
         if fin.all():  # the reference's logsumexp has NaN gradients on empty rows: no dlse there
             loss = loss + (lse.double() * dlse).sum()
         if c:
             loss = loss + (mass.double() * dmass).sum()
+        if key_mass:
+            loss = loss + (res[3].double() * dkm).sum()
+        kms = [res[3]] if key_mass else []
         if not backward:
-            return out, lse, mass, None, None, None
+            return [out, lse, mass] + kms + [None, None, None]
         dq, dk, dv = torch.autograd.grad(loss, (q, k, v))
-        return out, lse, mass, dq, dk, dv
+        return [out, lse, mass] + kms + [dq, dk, dv]
 
     ref64 = reference(torch.float64)
     ref_lp = reference(dtype)
     has_empty = not torch.isfinite(ref64[1]).all()
 
     q, k, v = (t.to(device=device, dtype=dtype) for t in (q64, k64, v64))
-    out, lse, mass = T.forward(q, k, v, *args, out_fp32=out_fp32)
+    res = T.forward(q, k, v, *args, out_fp32=out_fp32, **({"key_mass": True} if key_mass else {}))
+    out, lse, mass = res[:3]
     assert out.dtype == (torch.float32 if out_fp32 else dtype)
     assert lse.dtype == torch.float32 and mass.dtype == torch.float32
     assert lse.shape == (hq, tq) and mass.shape == (hq, tq, c)
     got = [out, lse, mass]
+    if key_mass:
+        assert len(res) == 4 and res[3].dtype == torch.float32 and res[3].shape == (hq, k.shape[0], c)
+        got.append(res[3])
     if backward:
         do = dout.to(dtype)
         dl = torch.zeros_like(dlse) if has_empty else dlse
         delta = (do.float() * out.float()).sum(-1).transpose(0, 1) - dl.float()
         if c:
             delta = delta + (dmass.float() * mass).sum(-1)
-        dq, dk, dv = T.backward(do, dmass.float() if c else None, delta.contiguous(), q, k, v, out, lse, *args)
+        kw = {"dkey_mass": dkm.float()} if key_mass else {}
+        dq, dk, dv = T.backward(do, dmass.float() if c else None, delta.contiguous(), q, k, v, out, lse, *args, **kw)
         assert dq.dtype == dtype and dk.shape == k.shape and dv.shape == v.shape
         got += [dq, dk, dv]
-    for name, g, r64, rlp in zip(("out", "lse", "mass", "dq", "dk", "dv"), got, ref64, ref_lp):
-        atol = ATOL[dtype] * (1 if name in ("out", "lse", "mass") else 4)
+    names = ("out", "lse", "mass") + (("key_mass",) if key_mass else ()) + ("dq", "dk", "dv")
+    for name, g, r64, rlp in zip(names, got, ref64, ref_lp):
+        atol = ATOL[dtype] * (1 if name in ("out", "lse", "mass", "key_mass") else 4)
         if poison is not None:
             nan, got_nan = torch.isnan(r64).cpu(), torch.isnan(g).cpu()
             if name in ("out", "lse", "mass"):
@@ -261,18 +273,80 @@ def test_zero_reweight_equals_plain():
         torch.testing.assert_close(x, y, atol=1e-6, rtol=0)
 
 
+# ------------------------------------------------------------------------------------------------------
+# Key masses (issue 11): forward and every gradient, a loss on key masses included
+# ------------------------------------------------------------------------------------------------------
+
+KEY_MASS_CASES = [
+    # lq, lk, hq, hk, d, c, causal, window, rw, dtype, layout
+    ([17, 1, 21], [30, 17, 21], 4, 2, 32, 3, True, None, "mixed", torch.float32, "random"),  # GQA, Sq != Sk
+    ([19], [23], 2, 1, 48, 4, False, None, "none", torch.float16, "random"),  # D not a power of two
+    ([33], [37], 4, 2, 32, 3, False, (6, 4), "abs", torch.float16, "runs"),  # window, one-class blocks
+    ([5, 0, 20], [0, 7, 20], 2, 1, 32, 2, False, (3, -1), "mul", torch.float32, "random"),  # empty sequences
+    ([40, 3], [17, 3], 4, 2, 32, 3, True, None, "add", torch.float32, "runs"),  # sq > sk: rows without keys
+]
+
+
+@pytest.mark.parametrize("case", KEY_MASS_CASES, ids=lambda c: f"q{c[0]}k{c[1]}h{c[2]}-{c[3]}d{c[4]}c{c[5]}"
+                         f"{'causal' if c[6] else ''}w{c[7]}{c[8]}-{str(c[9])[6:]}-{c[10]}")
+def test_key_mass(case):
+    """key_mass [Hq, Tk, C] and dq, dk, dv of a loss on out, lse, mass and key_mass against the float64 reference;
+    keys no row sees (an empty query sequence, outside the window) get 0."""
+    lq, lk, hq, hk, d, c, causal, window, rw, dtype, layout = case
+    got = run_case(lq, lk, hq, hk, d, c, causal, window, rw, dtype, seed=11, layout=layout, key_mass=True)
+    assert all(torch.isfinite(g).all() for g in got[3:])
+
+
+@pytest.mark.parametrize("c", [1, 5])
+def test_key_mass_loop_variant(c, monkeypatch):
+    """The reduction (non-product) formulation of the key masses and of the dKM term (CP < 16 there)."""
+    monkeypatch.setattr(TF, "MASS_DOT", False)
+    run_case([17, 8], [25, 30], 4, 2, 32, c, causal=True, rw="mixed", key_mass=True)
+
+
+def test_key_mass_invariant_and_plain_outputs():
+    """Summed over the keys of class b, key_mass[..., a] equals mass[..., b] summed over the rows of class a; out,
+    lse and mass are those of the forward without key masses, bit for bit."""
+    gen = torch.Generator().manual_seed(4)
+    (q, k, v), meta = make_case([21, 30], [21, 35], 4, 2, 32, 4, "mixed", torch.float32, gen)
+    q, k, v = (t.float().to(DEV) for t in (q, k, v))
+    args = meta + (32 ** -0.5, 9, 0)
+    out, lse, mass, km = T.forward(q, k, v, *args, key_mass=True)
+    for x, y in zip(T.forward(q, k, v, *args), (out, lse, mass)):
+        assert torch.equal(x, y)
+    kc, qc, c = meta[4].long(), meta[5].long(), meta[6]
+    by_keys = torch.einsum("hja,jb->hab", km.double(), torch.nn.functional.one_hot(kc, c).double())
+    by_rows = torch.einsum("hib,ia->hab", mass.double(), torch.nn.functional.one_hot(qc, c).double())
+    torch.testing.assert_close(by_keys, by_rows, atol=1e-5, rtol=1e-5)
+
+
+def test_key_mass_table_grads():
+    """Learned tables under a loss on key masses (through the public API and its dispatcher): d MUL / ABS / ADD and
+    dq, dk, dv against the float64 reference."""
+    form, lq, lk, hq, hk, d, c, zero, names, layout = TABLE_CASES[1]
+    qkv, meta, tabs, up = _table_case(form, lq, lk, hq, hk, d, c, zero, seed=9, layout=layout)
+    dkm = torch.randn(hq, qkv[1].shape[0], c, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref = _table_grads_api(qkv, meta, tabs, up, torch.float64, "reference", names, dkm)
+    got = _table_grads_api(qkv, meta, tabs, up, torch.float32, "triton", names, dkm)
+    for n in names + ("q", "k", "v"):
+        scale = max(ref[n].abs().max().item(), 1.0)
+        torch.testing.assert_close(got[n].double().cpu(), ref[n].double().cpu(), atol=1e-5 * scale, rtol=1e-4,
+                                   msg=lambda m, n=n: f"{n}: {m}")
+
+
 @pytest.mark.parametrize("arch", sorted(TC.SMEM_LIMIT))
 def test_configs_fit_shared_memory(arch):
     """Every kept launch config fits the architecture's shared memory by the estimate; the D=128 forward with masses
     starts with the config measured fastest (128 x 64, 8 warps, 3 stages), and on sm_90 drops 128 x 128 (234,496 B
     compiled, over the limit)."""
     limit = TC.SMEM_LIMIT[arch]
-    for kernel in ("fwd", "dq", "dkdv"):
+    for kernel in ("fwd", "dq", "dkdv", "km", "kmd"):
         for block_d in (64, 128, 256):
-            for has_classes, has_rw in ((False, False), (True, False), (True, True)):
-                for row in TC.kept_rows(kernel, block_d, "tf32", has_classes, has_rw, 2, arch, limit):
-                    need = TC.smem_estimate(kernel, row, block_d, 2, has_classes, has_rw, arch)
-                    assert need <= limit, (kernel, block_d, has_classes, has_rw, row, need)
+            for has_classes, has_rw, has_km in ((False, False, False), (True, False, False), (True, True, False),
+                                                (True, False, True), (True, True, True)):
+                for row in TC.kept_rows(kernel, block_d, "tf32", has_classes, has_rw, 2, arch, limit, has_km):
+                    need = TC.smem_estimate(kernel, row, block_d, 2, has_classes, has_rw, arch, has_km)
+                    assert need <= limit, (kernel, block_d, has_classes, has_rw, has_km, row, need)
     kept = TC.kept_rows("fwd", 128, "tf32", True, False, 2, arch, limit)
     assert kept[0] == (128, 64, 8, 3)
     assert (128, 128, 8, 3) not in kept
@@ -336,16 +410,19 @@ def _table_case(form, lq, lk, hq, hk, d, c, zero, seed, layout="random"):
     return (q, k, v), meta, tabs, up
 
 
-def _table_grads_api(qkv, meta, tabs, up, dtype, backend, names):
+def _table_grads_api(qkv, meta, tabs, up, dtype, backend, names, dkey_mass=None):
     import avar_kernels as ak
     cq, ck, mq, mk, kc, qc, c = meta[:7]
     leaves = {n: tabs[n].float().to(DEV).requires_grad_(True) for n in names}
     q, k, v = (t.to(device=DEV, dtype=dtype).requires_grad_(True) for t in qkv)
     res = ak.attention_varlen(q, k, v, cq, ck, mq, mk, kc, query_class=qc, num_classes=c, causal=True,
-                              reweight=ak.Reweight(**leaves), return_lse=True, backend=backend)
+                              reweight=ak.Reweight(**leaves), return_lse=True, backend=backend,
+                              return_key_mass=dkey_mass is not None)
     dout, dmass, dlse = (t.to(DEV) for t in up)
     loss = ((res.out.double() * dout).sum() + (res.mass.double() * dmass).sum()
             + (res.lse.double().nan_to_num(0, 0, 0) * dlse).sum())
+    if dkey_mass is not None:  # packed key masses: [Tk, Hq, C]
+        loss = loss + (res.key_mass.double() * dkey_mass.to(DEV).transpose(0, 1)).sum()
     grads = torch.autograd.grad(loss, [q, k, v] + [leaves[n] for n in names])
     return dict(zip(["q", "k", "v"] + list(names), grads))
 
