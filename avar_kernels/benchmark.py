@@ -15,6 +15,7 @@
 
     mem = bm.peak_memory(step, "cpu")  # PeakMemory(bytes, method): peak beyond what was held before the call
     bm.memory_in_use("cpu")            # bytes held now (CUDA tensors, or the resident set on the CPU)
+    mem = bm.peak_tensor_memory(step)  # peak bytes of the tensors the call creates, on any device
 
     report = bm.Report("Decode bandwidth", columns=["Sk", "ms", "GB/s"], device="cuda", path="out/decode")
     report.add({"Sk": 4096, "ms": 0.21, "GB/s": 2500.0})   # each add rewrites out/decode.{md,json,csv}
@@ -33,6 +34,10 @@ minus the resident size before it: this counts every allocation (torch tensors, 
 at page granularity. Memory that malloc kept from earlier calls is reused without showing, so measure the first
 call of a size in a fresh process (bench/run_cpu.py runs one subprocess per case). Where ``clear_refs`` cannot be
 written, a thread samples ``VmRSS`` every millisecond (a lower bound; ``PeakMemory.method`` says which).
+``peak_tensor_memory`` counts instead, at byte granularity, the storages of the tensors that the call's torch
+operators create (custom ops included), from creation to release: in a long-lived process on the CPU, where reused
+malloc pages hide a small peak from the resident set, it still sees an S x S buffer; scratch memory that a kernel
+allocates outside torch (the C++ backend's per-thread tiles) is not counted.
 
 Reports. ``Report`` holds rows (dicts) and writes ``<path>.md`` (a title, notes, the environment and a markdown
 table of ``columns``), ``<path>.json`` (environment, notes, every row with every key) and ``<path>.csv`` (every
@@ -57,12 +62,14 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
 import torch
 
-__all__ = ["Timing", "PeakMemory", "Report", "compare", "timer", "sync", "peak_memory", "memory_in_use",
+__all__ = ["Timing", "PeakMemory", "Report", "compare", "timer", "sync", "peak_memory", "peak_tensor_memory",
+           "memory_in_use",
            "environment", "attention_flops", "copy_bandwidth", "fmt"]
 
 
@@ -238,6 +245,46 @@ def peak_memory(fn: Callable[[], object], device="cpu") -> PeakMemory:
         sampler.join()
     del result
     return PeakMemory(max(0, high[0] - before), "VmRSS sampled every 1 ms (lower bound)")
+
+
+class _TensorPeak(torch.utils._python_dispatch.TorchDispatchMode):
+    """Sums the bytes of the storages that operators create while active, each until it is released."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._refs = {}
+
+    def _release(self, key, nbytes):
+        self._refs.pop(key, None)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        known = {t.untyped_storage().data_ptr() for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        for t in torch.utils._pytree.tree_leaves(out):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            st = t.untyped_storage()
+            key = st.data_ptr()
+            if key in known or key in self._refs or st.nbytes() == 0:   # a view, an in-place result, seen before
+                continue
+            nbytes = st.nbytes()
+            self._refs[key] = weakref.ref(st, lambda _, k=key, n=nbytes: self._release(k, n))
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        return out
+
+
+def peak_tensor_memory(fn: Callable[[], object]) -> PeakMemory:
+    """Peak bytes held by the tensors that ``fn`` creates through torch operators (its results while alive)."""
+    mode = _TensorPeak()
+    with mode:
+        result = fn()
+    del result
+    return PeakMemory(int(mode.peak), "tensor storages created by torch operators (TorchDispatchMode)")
 
 
 # ------------------------------------------------------------------------------------------------ environment

@@ -43,12 +43,11 @@ from helpers import ATOL, fa_close  # noqa: E402
 import avar_kernels as ak  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# The CPU kernel's block sizes (AVAR_CPU_{FWD,BWD}_{Q,K}BLOCK): the tuned defaults, and small blocks that take the
-# multi-block paths at the fuzz's short lengths.
+# The CPU kernel's tile (AVAR_CPU_QBLOCK / AVAR_CPU_KBLOCK, one grid for forward and backward): the tuned default,
+# and small tiles that take the multi-tile paths at the fuzz's short lengths.
 BLOCK_ENV = {
     "default": {},
-    "small": {"AVAR_CPU_FWD_QBLOCK": "16", "AVAR_CPU_FWD_KBLOCK": "32", "AVAR_CPU_BWD_QBLOCK": "16",
-              "AVAR_CPU_BWD_KBLOCK": "32"},
+    "small": {"AVAR_CPU_QBLOCK": "16", "AVAR_CPU_KBLOCK": "32"},
 }
 EDGES = {"none": 0.76, "empty": 0.06, "nonfinite": 0.07, "huge": 0.06, "bad_class": 0.03, "bad_flag": 0.02}
 OPS = {"padded": 0.4, "varlen": 0.4, "kvcache": 0.2}

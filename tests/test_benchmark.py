@@ -89,6 +89,26 @@ def test_peak_memory_counts_what_the_call_allocates():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_peak_tensor_memory_sees_a_square_buffer_and_its_release():
+    q = torch.randn(1, 4, 256, 32)
+    square = 4 * 256 * 256 * 4                                   # one fp32 [1, 4, 256, 256] buffer
+
+    def eager():                                                  # scores and their softmax are alive together
+        return torch.softmax(q @ q.transpose(-1, -2), -1) @ q
+
+    def sequential():                                             # one square buffer at a time
+        for _ in range(3):
+            w = q @ q.transpose(-1, -2)
+            del w
+        return None
+
+    assert 2 * square <= bm.peak_tensor_memory(eager).bytes < 3 * square
+    assert square <= bm.peak_tensor_memory(sequential).bytes < 2 * square
+    fused = bm.peak_tensor_memory(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert fused.bytes < square and fused.method
+    assert bm.peak_tensor_memory(lambda: q.transpose(-1, -2)).bytes == 0   # a view of an input allocates nothing
+
+
 def test_report_writes_markdown_json_csv_naming_the_environment(tmp_path):
     stem = str(tmp_path / "sub" / "table")
     report = bm.Report("Demo", ["S", "case", "ms", "ratio"], notes=["A note."], path=stem, digits={"ratio": 3})

@@ -145,6 +145,8 @@ def sft_config(args, data, output_dir, guided):
     else:
         cfg["model_name_or_path"] = args.model
     cfg.update(dataset=data, output_dir=output_dir, seed=args.seed, use_avar_attn_guide=guided)
+    if args.no_progress:
+        cfg["disable_tqdm"] = True
     if args.sft_steps is not None:
         cfg["max_steps"] = args.sft_steps
     cfg.update(_config(None, args.set_sft))
@@ -159,6 +161,8 @@ def grpo_config(args, data, start, output_dir):
     if args.model is None:
         cfg = {**R.EMBEDDED_GRPO, **cfg}
     cfg.update(model_name_or_path=start, dataset=data, output_dir=output_dir, seed=args.seed)
+    if args.no_progress:
+        cfg["disable_tqdm"] = True
     if args.grpo_steps is not None:
         cfg["max_steps"] = args.grpo_steps
     cfg.update(_config(None, args.set_grpo))

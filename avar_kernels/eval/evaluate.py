@@ -462,13 +462,12 @@ def benchmark(lm: LoadedModel, samples, *, new_tokens=16, reps=3):
     """The measurement of :func:`generate_and_measure` on ``samples`` (one batch) done two ways in this process:
     the fused ``"avar"`` attention with recorded masses, and eager attention with ``output_attentions=True`` and
     masses summed from the weights. Interleaved timing (median ratio over repetitions) and peak memory beyond the
-    model (:func:`avar_kernels.benchmark.peak_memory`), both ways' VAS and the largest mass difference."""
+    model (:func:`avar_kernels.benchmark.peak_memory` on CUDA, :func:`~avar_kernels.benchmark.peak_tensor_memory`
+    elsewhere), both ways' VAS and the largest mass difference."""
     import avar_kernels.hf as ah
     from avar_kernels import benchmark as bm
     from avar_kernels import metrics
 
-    if not str(lm.device).startswith("cuda"):
-        _fixed_malloc_thresholds()
     enc, classes = encode(lm, samples)
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=lm.pad_token_id)
     model = lm.model
@@ -496,8 +495,11 @@ def benchmark(lm: LoadedModel, samples, *, new_tokens=16, reps=3):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mem_eager = bm.peak_memory(eager, lm.device)
-        mem_avar = bm.peak_memory(fused, lm.device)
+        # CUDA: the allocator's peak; elsewhere the tensors' own bytes (a process's resident set does not show
+        # a peak of a few MiB that reuses pages malloc already holds).
+        peak = (lambda f: bm.peak_memory(f, lm.device)) if str(lm.device).startswith("cuda") else bm.peak_tensor_memory
+        mem_eager = peak(eager)
+        mem_avar = peak(fused)
         timing = bm.compare({"eager": eager, "avar": fused}, baseline="eager", device=lm.device, reps=reps, warmup=0)
     for name, t in timing.items():
         if t.error:
@@ -520,20 +522,6 @@ def benchmark(lm: LoadedModel, samples, *, new_tokens=16, reps=3):
         "memory_method": mem_avar.method,
         "max_abs_mass_diff": diff, "same_tokens": same_tokens,
     }
-
-
-def _fixed_malloc_thresholds():
-    """glibc raises its mmap threshold after large frees, so that later allocations come from retained heap pages
-    and a CPU peak measured from the resident set misses them (the first way measured hides the second). Fixed
-    thresholds (128 KiB: large blocks mapped and returned on free) keep the two ways' peaks comparable."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 128 * 1024)                      # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 128 * 1024)                      # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):                     # not glibc: the harness's measurement as it is
-        pass
 
 
 def heatmap(lm: LoadedModel, sample, *, max_new_tokens):

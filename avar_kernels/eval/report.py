@@ -228,7 +228,9 @@ def _fmt(x, digits=3):
 
 
 def _mib(b):
-    return "n/a" if b is None else f"{b / 2**20:.1f} MiB"
+    if b is None:
+        return "n/a"
+    return f"{b / 2**20:.1f} MiB" if b >= 2**20 else f"{b / 2**10:.1f} KiB"
 
 
 def summary_markdown(res) -> str:
