@@ -8,6 +8,9 @@ H=16, D=128, causal, B x S = 16k tokens, S in {4k, 8k, 16k}; peak memory of one 
   avar           ak.attention, no classes (plain attention)
   avar_mass      ak.attention with C=5 classes: out + masses; the backward goes through both
   avar_mass_vaf  the same with a VAF table (user and response queries: image keys MUL +0.15)
+  avar_keymass   ak.attention with C=5 classes and return_key_mass=True: out + masses + key masses (the fused
+                 second pass over key blocks); the backward goes through all three (a loss on key masses adds
+                 the row-major delta kernel and the dKM term in dQ and dK/dV)
   sdpa_flash     SDPA, FLASH_ATTENTION backend (the baseline of every ratio)
   sdpa_cudnn     SDPA, CUDNN_ATTENTION backend
   flex           FlexAttention, torch.compile'd, causal block mask
@@ -16,7 +19,8 @@ H=16, D=128, causal, B x S = 16k tokens, S in {4k, 8k, 16k}; peak memory of one 
 
 Classes: `vlm` layout (system 10%, image 60%, user 20%, response 10% of every sequence) or `random` (one class
 per token), --layout. FLOPs are the nominal ones of width D for every method (avar_kernels.benchmark.
-attention_flops), so ratios equal time ratios. The forward runs under torch.no_grad. A method that fails is
+attention_flops), so ratios equal time ratios; `/ avar_mass` columns: time of an avar method over avar_mass's
+(the cost of key masses over the forward with row masses only). The forward runs under torch.no_grad. A method that fails is
 reported with its error; past --budget seconds the optional methods are skipped. Writes <out>.md/.json/.csv
 after every shape.
 
@@ -38,8 +42,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import avar_kernels as ak  # noqa: E402
 from avar_kernels import benchmark as bm  # noqa: E402
 
-METHODS = ["avar", "avar_mass", "avar_mass_vaf", "sdpa_flash", "sdpa_cudnn", "flex", "flex_mass_vaf", "sdpa_onehot"]
-ESSENTIAL = {"avar", "avar_mass", "avar_mass_vaf", "sdpa_flash"}
+METHODS = ["avar", "avar_mass", "avar_mass_vaf", "avar_keymass", "sdpa_flash", "sdpa_cudnn", "flex", "flex_mass_vaf",
+           "sdpa_onehot"]
+ESSENTIAL = {"avar", "avar_mass", "avar_mass_vaf", "avar_keymass", "sdpa_flash"}
 NUM_CLASSES = 5
 ONEHOT_WIDTH = 8  # one-hot columns appended to V: C, padded to a multiple of 8
 
@@ -83,11 +88,14 @@ def build(method, q, k, v, kc):
         classes = kc if method != "avar" else None
         rw = ak.Reweight(mul=vaf_table(dev)) if method == "avar_mass_vaf" else None
         dmass = torch.randn(b, h, s, NUM_CLASSES, device=dev) if classes is not None else None
+        key_mass = method == "avar_keymass"
+        dkm = torch.randn(b, h, s, NUM_CLASSES, device=dev) if key_mass else None
 
         def run():
             res = ak.attention(*leaves, classes, num_classes=NUM_CLASSES if classes is not None else None,
-                               causal=True, reweight=rw)
-            return [(res.out, dout)] + ([(res.mass, dmass)] if classes is not None else [])
+                               causal=True, reweight=rw, return_key_mass=key_mass)
+            return ([(res.out, dout)] + ([(res.mass, dmass)] if classes is not None else [])
+                    + ([(res.key_mass, dkm)] if key_mass else []))
         return leaves, run
 
     # SDPA and Flex in their native [B, H, S, D] layout
@@ -173,6 +181,12 @@ def measure_shape(args, s, report, t_start):
     fb = bm.compare({m: fwdbwd_fn(r, leaves) for m, (leaves, r) in runs.items()}, baseline="sdpa_flash"
                     if "sdpa_flash" in runs else None, device=dev, reps=args.reps, warmup=args.warmup)
     flops = bm.attention_flops(b, h, s, s, d, causal=True)
+
+    def over_mass(timings, method):  # time over avar_mass's (the forward / training step with row masses only)
+        base = timings.get("avar_mass")
+        if not method.startswith("avar") or base is None or base.median is None or timings[method].median is None:
+            return None
+        return timings[method].median / base.median
     for method in args.methods:
         row = {"S": s, "B": b, "method": method, "layout": args.layout if "mass" in method or "onehot" in method
                else "-"}
@@ -184,9 +198,11 @@ def measure_shape(args, s, report, t_start):
                 "fwd ms": None if tf.median is None else tf.median * 1e3,
                 "fwd TFLOP/s": None if tf.median is None else flops / tf.median / 1e12,
                 "fwd x flash": None if tf.ratio is None else 1 / tf.ratio,
+                "fwd / avar_mass": over_mass(fwd, method),
                 "fwd+bwd ms": None if tb.median is None else tb.median * 1e3,
                 "fwd+bwd TFLOP/s": None if tb.median is None else 3.5 * flops / tb.median / 1e12,
                 "fwd+bwd x flash": None if tb.ratio is None else 1 / tb.ratio,
+                "fwd+bwd / avar_mass": over_mass(fb, method),
                 "peak MiB": None if mem is None else mem.bytes / 2**20,
                 "error": tf.error or tb.error,
             })
@@ -196,6 +212,8 @@ def measure_shape(args, s, report, t_start):
         print(f"S={s} B={b} {method:14s} fwd {bm.fmt(row.get('fwd TFLOP/s'))} TFLOP/s "
               f"(x{bm.fmt(row.get('fwd x flash'), 2)})  fwd+bwd {bm.fmt(row.get('fwd+bwd TFLOP/s'))} TFLOP/s "
               f"(x{bm.fmt(row.get('fwd+bwd x flash'), 2)})  peak {bm.fmt(row.get('peak MiB'), 0)} MiB"
+              + (f"  time / avar_mass: fwd {bm.fmt(row['fwd / avar_mass'], 2)}, fwd+bwd "
+                 f"{bm.fmt(row.get('fwd+bwd / avar_mass'), 2)}" if row.get("fwd / avar_mass") is not None else "")
               + (f"  [{row['error']}]" if row.get("error") else ""), flush=True)
     runs.clear()
     if dev.type == "cuda":
@@ -239,13 +257,14 @@ def main(argv=None):
              "of width D (forward+backward = 3.5x forward); `x flash` = speed relative to sdpa_flash from the same "
              f"interleaved repetitions (> 1: faster); medians of {args.reps} repetitions after {args.warmup} "
              "warm-up calls (CUDA events). Forward under torch.no_grad; forward+backward through autograd with "
-             "random output gradients (out and masses). `peak MiB` = torch.cuda.max_memory_allocated of one "
+             "random output gradients (out and masses; key masses too for avar_keymass). `peak MiB` = torch.cuda.max_memory_allocated of one "
              "forward+backward beyond the inputs. "
              f"AVAR_TRITON_AUTOTUNE={os.environ.get('AVAR_TRITON_AUTOTUNE', 'default')}."]
-    columns = ["S", "B", "method", "layout", "fwd ms", "fwd TFLOP/s", "fwd x flash", "fwd+bwd ms", "fwd+bwd TFLOP/s",
-               "fwd+bwd x flash", "peak MiB", "error"]
+    columns = ["S", "B", "method", "layout", "fwd ms", "fwd TFLOP/s", "fwd x flash", "fwd / avar_mass", "fwd+bwd ms",
+               "fwd+bwd TFLOP/s", "fwd+bwd x flash", "fwd+bwd / avar_mass", "peak MiB", "error"]
     report = bm.Report("Prefill: ak.attention (Triton) against stock attention", columns, device=args.device,
-                       notes=notes, path=args.out, digits={"fwd x flash": 2, "fwd+bwd x flash": 2, "peak MiB": 0})
+                       notes=notes, path=args.out, digits={"fwd x flash": 2, "fwd+bwd x flash": 2, "peak MiB": 0,
+                                                           "fwd / avar_mass": 2, "fwd+bwd / avar_mass": 2})
     t_start = time.time()
     for s in args.seqlens:
         measure_shape(args, s, report, t_start)

@@ -11,7 +11,8 @@
 # Stages (timeout):
 #   build    python setup.py build_ext --inplace: C++ CPU kernels + CUDA decode kernels for AVAR_CUDA_ARCHS (400 s)
 #   smoke    bench/gpu_smoke.py: prefill fwd/bwd and decode against the float64 reference, the split plan (240 s)
-#   prefill  bench/bench_triton_gpu.py: ak.attention TFLOP/s vs SDPA-flash, cuDNN, Flex at S = 4k, 8k, 16k (480 s)
+#   prefill  bench/bench_triton_gpu.py: ak.attention TFLOP/s vs SDPA-flash, cuDNN, Flex at S = 4k, 8k, 16k, with
+#            key masses (avar_keymass: forward, and forward+backward of a key-mass loss, as time over avar_mass) (480 s)
 #   tests    pytest -m gpu over 8 xdist workers when pytest-xdist is there (540 s)
 #   decode   bench/bench_decode_gpu.py: bandwidth against the measured copy bandwidth, against SDPA decode (240 s)
 #   model    bench/bench_hf.py --device cuda: memory and time of a mass loss through 2 Qwen2.5-VL-7B layers (420 s)

@@ -384,6 +384,29 @@ def test_gpu_fp32_and_variants(mass_dot, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_key_mass(dtype, d):
+    """Key masses and their gradients on a GPU (the compiled kernels, autotuning off): GQA, causal and windowed,
+    re-weighting, class runs and random classes, varlen with an empty sequence."""
+    run_case([1000, 63, 1], [1000, 111, 0], 8, 2, d, 5, True, None, "mixed", dtype, device="cuda", layout="runs",
+             key_mass=True)
+    run_case([111, 300], [300, 300], 6, 1, d, 3, False, (64, 16), "mul", dtype, seed=1, device="cuda",
+             key_mass=True)
+
+
+@pytest.mark.gpu
+def test_gpu_key_mass_autotuned():
+    """The autotuned key-mass kernels (the delta kernel writes a new buffer, so autotune trials leave delta alone)."""
+    os.environ["AVAR_TRITON_AUTOTUNE"] = "2"
+    try:
+        run_case([2048, 700], [2048, 900], 8, 2, 128, 4, True, None, "mul", torch.bfloat16, device="cuda",
+                 layout="runs", key_mass=True)
+    finally:
+        os.environ["AVAR_TRITON_AUTOTUNE"] = "0"
+
+
+@pytest.mark.gpu
 def test_gpu_autotuned_long():
     """The autotuned path (as used in production) at a longer causal bf16 shape with masses, GQA."""
     os.environ["AVAR_TRITON_AUTOTUNE"] = "2"
