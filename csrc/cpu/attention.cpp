@@ -469,12 +469,70 @@ bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ld
   return true;
 }
 
-// oh[b * ldt + r] = 1 where query r of the tile has class b, else 0 (also on the padding): the one-hot matrix
-// [nq x C] (column-major, ld ldt) that turns per-query sums into per-class sums in one small BLAS product.
+// The query classes of a tile: the classes present, and oh[b * ldt + r] = 1 where query r has class b, else 0
+// (also on the padding). A tile row is one key's P over the tile's queries, so per-(key, query class) work is one
+// running vector per present class, masked by oh; a tile of one query class (the usual case: a VLM prompt's classes
+// are long runs) needs no mask at all. (A BLAS product with C = 4..8 columns was several times slower.)
 template <typename T>
-inline void onehot_rows(const int32_t* qcls, int64_t nq, int64_t C, int64_t ldt, T* oh) {
-  std::fill(oh, oh + C * ldt, T(0));
-  for (int64_t r = 0; r < nq; ++r) oh[qcls[r] * ldt + r] = T(1);
+struct QueryClasses {
+  int64_t n = 0;
+  int32_t ids[kMaxClasses];
+  std::vector<T> oh;
+  void fill(const int32_t* qcls, int64_t nq, int64_t C, int64_t ldt) {
+    bool seen[kMaxClasses] = {};
+    n = 0;
+    for (int64_t r = 0; r < nq; ++r)
+      if (!seen[qcls[r]]) {
+        seen[qcls[r]] = true;
+        ids[n++] = qcls[r];
+      }
+    if (n < 2) return;
+    oh.assign(C * ldt, T(0));
+    for (int64_t r = 0; r < nq; ++r) oh[qcls[r] * ldt + r] = T(1);
+  }
+};
+
+// km[c * C + b] += sum over the tile's queries r of class b of St[c, r], for keys [c0, c1).
+template <typename T>
+inline void tile_key_class_sums(const T* St, int64_t ldt, int64_t c0, int64_t c1, int64_t nqp,
+                                const QueryClasses<T>& qc, int64_t C, T* km) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  T buf[VS];
+  V acc[kMaxClasses];
+  for (int64_t c = c0; c < c1; ++c) {
+    const T* p = St + c * ldt;
+    for (int64_t b = 0; b < qc.n; ++b) acc[b] = V(T(0));
+    if (qc.n == 1) {
+      for (int64_t r = 0; r < nqp; r += VS) acc[0] = acc[0] + V::loadu(p + r);
+    } else {
+      for (int64_t r = 0; r < nqp; r += VS) {
+        const V x = V::loadu(p + r);
+        for (int64_t b = 0; b < qc.n; ++b) acc[b] = acc[b] + x * V::loadu(qc.oh.data() + qc.ids[b] * ldt + r);
+      }
+    }
+    for (int64_t b = 0; b < qc.n; ++b) {
+      acc[b].store(buf);
+      T sum = T(0);
+      for (int64_t l = 0; l < VS; ++l) sum += buf[l];
+      km[c * C + qc.ids[b]] += sum;
+    }
+  }
+}
+
+// x[r] = d[class(query r)] for r < nqp: one key's per-class values d[C] spread over the tile's queries.
+template <typename T>
+inline void spread_by_query_class(const T* d, const QueryClasses<T>& qc, int64_t ldt, int64_t nqp, T* x) {
+  using V = Vectorized<T>;
+  if (qc.n == 1) {
+    std::fill(x, x + nqp, d[qc.ids[0]]);
+    return;
+  }
+  for (int64_t r = 0; r < nqp; r += V::size()) {
+    V y(T(0));
+    for (int64_t b = 0; b < qc.n; ++b) y = y + V::loadu(qc.oh.data() + qc.ids[b] * ldt + r) * V(d[qc.ids[b]]);
+    y.store(x + r);
+  }
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -482,7 +540,7 @@ inline void onehot_rows(const int32_t* qcls, int64_t nq, int64_t C, int64_t ldt,
 // ----------------------------------------------------------------------------------------------
 // km[h, j, b] = sum over rows i of query class b of P[h, i, j]. Tasks are (sequence, head, key block): each owns
 // the key masses of its keys (zeroed here, so keys no row sees and sequences without queries read 0), walks the
-// query tiles that see the block and adds onehot^T P (a [C x keys] product) to them: no atomics, no S x S buffer,
+// query tiles that see the block and adds each tile row's per-query-class sums: no atomics, no S x S buffer,
 // one more Q K^T than the forward.
 template <typename T>
 void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* km, int64_t Tq, int64_t Tk) {
@@ -502,8 +560,9 @@ void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* 
       for (int64_t j0 = 0; j0 < sk; j0 += KB) tasks.push_back({(int32_t)n, (int32_t)h, j0});
   }
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> St(KB * ldt), oh(C * ldt);
+    std::vector<T> St(KB * ldt);
     ProbScratch<T> ps;
+    QueryClasses<T> qcl;
     for (int64_t t = tb; t < te; ++t) {
       const int64_t n = tasks[t].n, h = tasks[t].h, j0 = tasks[t].j0, hkv = h / P.group;
       const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
@@ -519,22 +578,19 @@ void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* 
         const int64_t i1 = std::min(i0 + QB, sq), nq = i1 - i0, nqp = round_up(nq, VS);
         const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
         if (tc.c1 <= tc.c0) continue;
-        const int64_t w = tc.c1 - tc.c0;
         const int32_t* qcls = P.query_class + q0 + i0;
         if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
                           lse + h * Tq + q0 + i0, qcls, kcls, St.data(), nullptr, nullptr, ldt, j0, tc, off, i0, nq,
                           nqp, ps))
           continue;
-        onehot_rows<T>(qcls, nq, C, ldt, oh.data());
-        // km[c0:c1, :] (as [C x w]) += onehot^T P.
-        blas_gemm('T', 'N', C, w, nq, T(1), oh.data(), ldt, St.data() + tc.c0 * ldt, ldt, T(1), kmb + tc.c0 * C, C);
+        qcl.fill(qcls, nq, C, ldt);
+        tile_key_class_sums<T>(St.data(), ldt, tc.c0, tc.c1, nqp, qcl, C, kmb);
       }
     }
   });
 }
 
-// The key-mass term of the backward's row constant: delta[h, i] += sum_j P_ij dkm[h, j, qclass(i)], with
-// Y = P dkm^T ([queries x C], accumulated over the key blocks) read at each row's class. Tasks are
+// The key-mass term of the backward's row constant: delta[h, i] += sum_j P_ij dkm[h, j, qclass(i)]. Tasks are
 // (sequence, head, query tile), as in the forward; each owns its rows of delta.
 template <typename T>
 void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* lse, const T* dkm, T* delta,
@@ -552,8 +608,9 @@ void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* ls
       for (int64_t i0 = 0; i0 < sq; i0 += QB) tasks.push_back({(int32_t)n, (int32_t)h, i0, std::min(i0 + QB, sq)});
   }
   at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
-    std::vector<T> St(KB * ldt), Y(C * ldt);
+    std::vector<T> St(KB * ldt), x(ldt), y(ldt);
     ProbScratch<T> ps;
+    QueryClasses<T> qcl;
     for (int64_t t = tb; t < te; ++t) {
       const FwdTask& tk = tasks[t];
       const int64_t n = tk.n, h = tk.h, hkv = h / P.group;
@@ -561,23 +618,27 @@ void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* ls
       const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0, off = sk - sq;
       const int64_t i0 = tk.i0, i1 = tk.i1, nq = i1 - i0, nqp = round_up(nq, VS);
       if (sk == 0) continue;
-      std::fill(Y.begin(), Y.end(), T(0));
+      std::fill(y.begin(), y.end(), T(0));
       const int32_t* qcls = P.query_class + q0 + i0;
+      qcl.fill(qcls, nq, C, ldt);
       const int64_t kmin = P.lo(i0, sq, sk), kmax = P.hi(i1 - 1, sq, sk);
       for (int64_t j0 = round_down(std::max<int64_t>(kmin, 0), KB); j0 <= kmax && j0 < sk; j0 += KB) {
         const int64_t nk = std::min(KB, sk - j0);
         const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
         if (tc.c1 <= tc.c0) continue;
-        const int64_t w = tc.c1 - tc.c0;
         if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
                           lse + h * Tq + q0 + i0, qcls, P.key_class + k0 + j0, St.data(), nullptr, nullptr, ldt, j0,
                           tc, off, i0, nq, nqp, ps))
           break;  // no row of the tile has a key: the same for every key block
-        // Y[nq x C] += P[nq x w] dkm[c0:c1, :].
-        blas_gemm('N', 'T', nq, C, w, T(1), St.data() + tc.c0 * ldt, ldt, dkm + (h * Tk + k0 + j0 + tc.c0) * C, C,
-                  T(1), Y.data(), ldt);
+        // y[r] += sum over the keys c of P[c, r] dkm[c, class(r)].
+        for (int64_t c = tc.c0; c < tc.c1; ++c) {
+          spread_by_query_class<T>(dkm + (h * Tk + k0 + j0 + c) * C, qcl, ldt, nqp, x.data());
+          const T* p = St.data() + c * ldt;
+          for (int64_t r = 0; r < nqp; r += VS)
+            (V::loadu(y.data() + r) + V::loadu(p + r) * V::loadu(x.data() + r)).store(y.data() + r);
+        }
       }
-      for (int64_t r = 0; r < nq; ++r) delta[h * Tq + q0 + i0 + r] += Y[qcls[r] * ldt + r];
+      for (int64_t r = 0; r < nq; ++r) delta[h * Tq + q0 + i0 + r] += y[r];
     }
   });
 }
@@ -608,8 +669,9 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
     std::vector<T> St(KB * ldt), dPt(KB * ldt), G, Z;
     if (P.has_rw) G.resize(KB * ldt);
     if (want_z) Z.resize(KB * ldt);  // raw scores, kept only for the MUL / ABS gradients
-    std::vector<T> cst(slots * ldt), tsum(want_tab ? 3 * C * ldt : 0), oh(dkm ? C * ldt : 0);
+    std::vector<T> cst(slots * ldt), tsum(want_tab ? 3 * C * ldt : 0), x(dkm ? ldt : 0);
     ProbScratch<T> ps;
+    QueryClasses<T> qcl;
     std::vector<double> tacc(want_tab ? 3 * kMaxClasses * kMaxClasses : 0);
     std::vector<T> dK(KB * D), dV(KB * D);
     for (int64_t t = tb; t < te; ++t) {
@@ -645,25 +707,27 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
             continue;
           // dP[c0:c1, :nq] (key-major) = V dO^T.
           blas_gemm('T', 'N', nq, w, D, T(1), dop, ldq, vp, ldk, T(0), dPc, ldt);
-          if (dkm) {  // dP += dkm[j, qclass(i)]: onehot [nq x C] times dkm[c0:c1, :] as [C x w]
-            onehot_rows<T>(qcls, nq, C, ldt, oh.data());
-            blas_gemm('N', 'N', nq, w, C, T(1), oh.data(), ldt, dkm + (h * Tk + k0 + j0 + tc.c0) * C, C, T(1), dPc,
-                      ldt);
-          }
           // dV[w x D] += P^T dO.
           blas_gemm('N', 'N', D, w, nq, T(1), dop, ldq, Sc, ldt, T(1), dV.data() + tc.c0 * D, D);
-          // dZ' = P (dP + dmass[i, class(j)] - delta_i): one constant per (class, query).
+          // dZ' = P (dP + dmass[i, class(j)] - delta_i [+ dkm[j, qclass(i)]]): one constant per (class, query).
           for (int64_t c = 0; c < slots; ++c)
             for (int64_t r = 0; r < nqp; ++r) {
               const int64_t gi = q0 + i0 + r;
               cst[c * ldt + r] = r < nq ? (has_dm ? dmass[(h * Tq + gi) * C + c] : T(0)) - delta[h * Tq + gi] : T(0);
             }
+          if (dkm) qcl.fill(qcls, nq, C, ldt);
           for (int64_t c = tc.c0; c < tc.c1; ++c) {
             const T* p = St.data() + c * ldt;
             T* ds = dPt.data() + c * ldt;
             const T* cr = cst.data() + (kcls ? kcls[c] : 0) * ldt;
-            for (int64_t r = 0; r < nqp; r += VS)
-              (V::loadu(p + r) * (V::loadu(ds + r) + V::loadu(cr + r))).store(ds + r);
+            if (dkm) {  // + dkm[j, qclass(i)]
+              spread_by_query_class<T>(dkm + (h * Tk + k0 + j0 + c) * C, qcl, ldt, nqp, x.data());
+              for (int64_t r = 0; r < nqp; r += VS)
+                (V::loadu(p + r) * (V::loadu(ds + r) + V::loadu(cr + r) + V::loadu(x.data() + r))).store(ds + r);
+            } else {
+              for (int64_t r = 0; r < nqp; r += VS)
+                (V::loadu(p + r) * (V::loadu(ds + r) + V::loadu(cr + r))).store(ds + r);
+            }
           }
           mask_tile<T>(P, dPt.data(), ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, T(0));
           if (want_tab) {  // dZ' summed per (query, key class) before the chain rule through G, then per query class
