@@ -11,6 +11,8 @@ proxy between GPU runs: it predicts occupancy limits, spills and launch failures
 
     python bench/aot_triton.py                                # everything, both architectures
     python bench/aot_triton.py --arch 90 --dims 128 --kernels fwd --out /tmp/fwd.md
+    python bench/aot_triton.py --dims 128 --variants masses+keymass --kernels km kmd dq dkdv --first 2 \
+        --out bench/results/aot_triton.md                 # the key-mass kernels (issue 11), the configs tuned
 """
 from __future__ import annotations
 
@@ -40,10 +42,14 @@ from avar_kernels.triton import configs as triton_configs  # noqa: E402
 from avar_kernels.triton import fwd as triton_fwd  # noqa: E402
 
 SMEM_LIMIT = triton_configs.SMEM_LIMIT
-KERNEL_NAMES = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv"}
-KERNELS = {"fwd": triton_fwd._fwd_kernel, "dq": triton_bwd._bwd_dq_kernel, "dkdv": triton_bwd._bwd_dkdv_kernel}
-# masses+table: a MUL table (VAF); masses+learned: MUL, ABS and ADD tables with their gradients (training)
-VARIANTS = ("plain", "masses", "masses+table", "masses+learned")
+KERNEL_NAMES = {"_fwd_kernel": "fwd", "_bwd_dq_kernel": "dq", "_bwd_dkdv_kernel": "dkdv", "_key_mass_kernel": "km",
+                "_bwd_km_delta_kernel": "kmd"}
+KERNELS = {"fwd": triton_fwd._fwd_kernel, "dq": triton_bwd._bwd_dq_kernel, "dkdv": triton_bwd._bwd_dkdv_kernel,
+           "km": triton_fwd._key_mass_kernel, "kmd": triton_bwd._bwd_km_delta_kernel}
+# masses+table: a MUL table (VAF); masses+learned: MUL, ABS and ADD tables with their gradients (training);
+# masses+keymass: masses and key masses, a loss on both (km: forward's key-mass pass, kmd: the backward's delta
+# kernel, dq / dkdv with the dKM term)
+VARIANTS = ("plain", "masses", "masses+table", "masses+learned", "masses+keymass")
 # The measured shape of the GPU benchmark: bf16, 16 heads, causal; a short sequence (lengths do not change code).
 HEADS, TOKENS, NUM_CLASSES = 16, 256, 5
 
@@ -64,6 +70,7 @@ def record_launches(dim, variant, dtype=torch.bfloat16):
     real_autotune = triton.autotune
     triton.autotune = lambda configs, **_: (lambda kernel: _Recorder(kernel, launches))
     triton_fwd._fwd_tuned.clear()
+    triton_fwd._km_tuned.clear()
     triton_bwd._tuned.clear()
     try:
         gen = torch.Generator().manual_seed(0)
@@ -76,12 +83,14 @@ def record_launches(dim, variant, dtype=torch.bfloat16):
         mul = tables[0] if variant in ("masses+table", "masses+learned") else None
         abs_, add = (tables[1], tables[2]) if learned else (None, None)
         args = (cu, cu, TOKENS, TOKENS, cls, cls, c, mul, abs_, add, dim ** -0.5, -1, 0)
-        triton_fwd.forward(q, k, v, *args)
+        key_mass = variant == "masses+keymass"
+        triton_fwd.forward(q, k, v, *args, key_mass=key_mass)
         out = torch.zeros_like(q)
         lse = torch.zeros(HEADS, TOKENS)
         dmass = torch.zeros(HEADS, TOKENS, c) if c else None
         triton_bwd.backward(out, dmass, torch.zeros(HEADS, TOKENS), q, k, v, out, lse, *args,
-                            table_grads=(True, True, True) if learned else None)
+                            table_grads=(True, True, True) if learned else None,
+                            dkey_mass=torch.zeros(HEADS, TOKENS, c) if key_mass else None)
     finally:
         triton.autotune = real_autotune
     return launches
@@ -128,7 +137,7 @@ def compile_one(job):
     return row
 
 
-def collect(archs, dims, kernels, variants, jobs, rows=None):
+def collect(archs, dims, kernels, variants, jobs, rows=None, first=None):
     work, keys = [], []
     for dim in dims:
         for variant in variants:
@@ -138,11 +147,12 @@ def collect(archs, dims, kernels, variants, jobs, rows=None):
                     continue
                 shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
                          any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
-                for cfg in rows or triton_configs.candidate_rows(name, *shape):
+                has_km = name in ("dq", "dkdv") and kwargs.get("DKM") is not None
+                for cfg in rows or triton_configs.candidate_rows(name, *shape)[:first]:
                     for arch in archs:
                         keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg,
                                          block_d=shape[0], elem=kwargs["Q"].element_size(), has_classes=shape[2],
-                                         has_rw=shape[3]))
+                                         has_rw=shape[3], has_km=has_km))
                         work.append((name, cfg, kwargs, arch))
     print(f"{len(work)} compiles", file=sys.stderr)
     rows = []
@@ -157,13 +167,15 @@ def with_estimates(rows):
     """Each row with the backend's current shared-memory estimate of its config ('est')."""
     return [{**r, "config": tuple(r["config"]),
              "est": triton_configs.smem_estimate(r["kernel"], tuple(r["config"]), r["block_d"], r["elem"],
-                                                 r["has_classes"], r["has_rw"], r["arch"])} for r in rows]
+                                                 r["has_classes"], r["has_rw"], r["arch"], r.get("has_km", False))}
+            for r in rows]
 
 
 def markdown(rows, title):
     lines = [f"# {title}", "",
              f"triton {triton.__version__}, bf16, {HEADS} heads, causal, C = {NUM_CLASSES} classes with masses, "
-             "a MUL table for 'masses+table', MUL, ABS and ADD tables with their gradients for 'masses+learned'. "
+             "a MUL table for 'masses+table', MUL, ABS and ADD tables with their gradients for 'masses+learned', "
+             "key masses and a loss on them for 'masses+keymass' (km, kmd; dq and dkdv with the dKM term). "
              "Spill: bytes stored / loaded. Shared memory against the opt-in limit "
              f"per block ({', '.join(f'sm_{a}: {v:,} B' for a, v in SMEM_LIMIT.items())}); 'est.': the backend's "
              "estimate, 'kept': estimate within the limit (UNDER: estimate below the need). PTX counts: "
@@ -199,6 +211,7 @@ def main(argv=None):
                         choices=list(KERNEL_NAMES.values()))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--jobs", type=int, default=1, help="parallel compiles (processes)")
+    parser.add_argument("--first", type=int, help="only the first N configs of each kernel's list (the tuned ones)")
     parser.add_argument("--configs", nargs="+", metavar="BMxBNxWxS",
                         help="compile these configs instead of the backend's lists (to try candidates)")
     parser.add_argument("--title", default="Triton kernels compiled ahead of time")
@@ -211,7 +224,8 @@ def main(argv=None):
         rows = json.loads(args.from_json.read_text())
     else:
         rows = collect(args.arch, args.dims, args.kernels, args.variants, args.jobs,
-                       [tuple(int(x) for x in c.split("x")) for c in args.configs] if args.configs else None)
+                       [tuple(int(x) for x in c.split("x")) for c in args.configs] if args.configs else None,
+                       args.first)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(rows, indent=0))

@@ -107,11 +107,14 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     # by 32 B per head-dim column, fitted on the compiled kernels)
     split = 32 * block_d if warps == 8 and bm <= 64 else 0
     onehot = 2 if elem < 4 else 4  # bytes per element of a one-hot product's operands
-    km = (2 * bn + bm) * CLASS_TILE.value * onehot if has_km else 0
-    if kernel == "km":  # K held; q, lse pipelined; P^T halves [BLOCK_N, BLOCK_M] @ onehot(query class)
+    # dKM rows (fp32, pipelined in dq, held in dkdv), their bf16 halves and onehot(query class)
+    km = 0
+    if has_km:
+        km = (2 * bn + bm) * CLASS_TILE.value * onehot + (bufs if kernel == "dq" else 1) * bn * CLASS_TILE.value * 4
+    if kernel == "km":  # K held; q, lse pipelined; P^T (halves, in registers) @ onehot(query class)
         relayout = 0 if arch >= 90 else bm * bn * 4 + bn * CLASS_TILE.value * 4
         total = bn * block_d * elem + bufs * (bm * block_d * elem + 4 * bm) + 8 * bn + relayout
-        return total + 2 * bn * bm * onehot + bm * CLASS_TILE.value * onehot
+        return total + (bn + bm) * CLASS_TILE.value * onehot
     if kernel == "kmd":  # q held; K, dKM pipelined; onehot(query class) @ dKM halves^T
         total = bm * block_d * elem + bufs * (bn * block_d * elem + bn * CLASS_TILE.value * 4) + 8 * bm + split
         return total + relayout + (bm + 2 * bn) * CLASS_TILE.value * onehot
