@@ -20,9 +20,9 @@ H=16, D=128, causal, B x S = 16k tokens, S in {4k, 8k, 16k}; peak memory of one 
 Classes: `vlm` layout (system 10%, image 60%, user 20%, response 10% of every sequence) or `random` (one class
 per token), --layout. FLOPs are the nominal ones of width D for every method (avar_kernels.benchmark.
 attention_flops), so ratios equal time ratios; `/ avar_mass` columns: time of an avar method over avar_mass's
-(the cost of key masses over the forward with row masses only). The forward runs under torch.no_grad. A method that fails is
-reported with its error; past --budget seconds the optional methods are skipped. Writes <out>.md/.json/.csv
-after every shape.
+(the cost of key masses over the forward with row masses only). The forward runs under torch.no_grad. A method
+that fails is reported with its error; past --budget seconds the optional methods are skipped. Writes
+<out>.md/.json/.csv after every shape.
 
   python bench/bench_triton_gpu.py --out bench/results/gpu/prefill
   python bench/bench_triton_gpu.py --device cpu --seqlens 256 --tokens 512 --heads 2 --out /tmp/x  # script check
@@ -257,7 +257,8 @@ def main(argv=None):
              "of width D (forward+backward = 3.5x forward); `x flash` = speed relative to sdpa_flash from the same "
              f"interleaved repetitions (> 1: faster); medians of {args.reps} repetitions after {args.warmup} "
              "warm-up calls (CUDA events). Forward under torch.no_grad; forward+backward through autograd with "
-             "random output gradients (out and masses; key masses too for avar_keymass). `peak MiB` = torch.cuda.max_memory_allocated of one "
+             "random output gradients (out and masses; key masses too for avar_keymass). `peak MiB` = "
+             "torch.cuda.max_memory_allocated of one "
              "forward+backward beyond the inputs. "
              f"AVAR_TRITON_AUTOTUNE={os.environ.get('AVAR_TRITON_AUTOTUNE', 'default')}."]
     columns = ["S", "B", "method", "layout", "fwd ms", "fwd TFLOP/s", "fwd x flash", "fwd / avar_mass", "fwd+bwd ms",

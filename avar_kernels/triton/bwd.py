@@ -14,7 +14,8 @@ over its query blocks, reduces over its keys per key class with onehot(key class
 stores a [3, C, C] slot per (sequence, key block, query head); PyTorch sums the slots (deterministic, no atomics).
 A loss on key masses (dkey_mass, constexpr HAS_DKM from the DKM argument, off otherwise): dP_ij += dKM[j, qclass(i)]
 in both kernels, a tile spread from the key block's dKM rows [BLOCK_N, CLASS_TILE] by a product with
-onehot(query class); its share of the row constant, sum_j P_ij dKM[j, qclass(i)], needs every key of a row, so a
+onehot(query class) (a query block of one class, from the query classes' runs: the column dKM[:, a0]); its share
+of the row constant, sum_j P_ij dKM[j, qclass(i)], needs every key of a row, so a
 small row-major kernel (_bwd_km_delta_kernel, one more Q K^T) adds it to delta first.
 """
 from __future__ import annotations
@@ -116,7 +117,7 @@ def _slope_bcast(t, f_mul, f_abs_signed, HAS_MUL: tl.constexpr, HAS_ABS: tl.cons
 
 @triton.heuristics(FEATURE_FLAGS)
 @triton.jit
-def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
+def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, ABS, ADD,
                          qk_scale, wl, wr,
                          stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_dkmh,
                          GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
@@ -148,6 +149,8 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
     lse = tl.load(LSE + h * stride_lh + q_start + offs_m, mask=mask_m, other=float("-inf"))
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # empty rows: P = 0
     qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
+    # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
+    q_one, a0 = _one_class(tl.load(QRUNS + q_start + m0), m0, sq, BLOCK_M)
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
@@ -186,10 +189,14 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
                     z = t * qk_scale
                 z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
-                dkm = _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C)  # [BLOCK_N, CP]
-                g = _add_dkm(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), dkm, qcls, offs_c, C, False, MASS_DOT,
-                             PREC)  # [BLOCK_M, BLOCK_N] dKM[j, qclass(i)]
-                term += tl.sum(p * g, 1)
+                if q_one:
+                    col = tl.load(DKM_h + (k_start + cols).to(tl.int64) * C + a0, mask=kmask, other=0.0)  # [BLOCK_N]
+                    term += tl.sum(p * col[None, :], 1)
+                else:
+                    dkm = _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C)  # [BLOCK_N, CP]
+                    g = _add_dkm(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), dkm, qcls, offs_c, C, False,
+                                 MASS_DOT, PREC)  # [BLOCK_M, BLOCK_N] dKM[j, qclass(i)]
+                    term += tl.sum(p * g, 1)
     di = tl.load(DELTA + h * stride_lh + q_start + offs_m, mask=mask_m, other=0.0)
     tl.store(DELTA_OUT + h * stride_lh + q_start + offs_m, di + term, mask=mask_m)
 
@@ -197,7 +204,8 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
 @triton.heuristics({**FEATURE_FLAGS, "WANT_TG": lambda args: args["TG"] is not None,
                     "HAS_DKM": lambda args: args["DKM"] is not None})
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD, TG,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, ABS, ADD,
+                     TG,
                      scale, qk_scale, wl, wr, HQ, NKB,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                      stride_dot, stride_doh, stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -287,8 +295,13 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
                     pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-                    if HAS_DKM:  # + dKM[j, qclass(i)]
-                        dpT = _add_dkm(dpT, dkm, qcls, offs_c, C, True, MASS_DOT, PREC)
+                    if HAS_DKM:  # + dKM[j, qclass(i)]; a query block of one class a0 adds the column dKM[:, a0]
+                        r0 = start + b * BLOCK_M
+                        q_one, a0 = _one_class(tl.load(QRUNS + q_start + r0), r0, sq, BLOCK_M)
+                        if q_one:
+                            dpT += tl.sum(tl.where(offs_c[None, :] == a0, dkm, 0.0), 1)[:, None]
+                        else:
+                            dpT = _add_dkm(dpT, dkm, qcls, offs_c, C, True, MASS_DOT, PREC)
                     if HAS_CLASSES:
                         dm_rows = DMASS + h * stride_dmh + g_rows * C  # [BLOCK_M] row starts of dmass
                         if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
@@ -351,7 +364,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
 
 @triton.heuristics({**FEATURE_FLAGS, "HAS_DKM": lambda args: args["DKM"] is not None})
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, ABS, ADD,
                    scale, qk_scale, wl, wr,
                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
                    stride_dot, stride_doh, stride_dqt, stride_dqh, stride_lh, stride_dmh, stride_dkmh,
@@ -395,7 +408,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
     ADD = _head_table(ADD, h, C, HAS_ADD)
     if HAS_RW:
         qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
-    DKM_h = DKM + h * stride_dkmh if HAS_DKM else DKM
+    if HAS_DKM:  # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
+        DKM_h = DKM + h * stride_dkmh
+        q_one, a0 = _one_class(tl.load(QRUNS + q_start + m0), m0, sq, BLOCK_M)
     abs_sign = tl.where(qk_scale > 0, 1.0, tl.where(qk_scale < 0, -1.0, 0.0))
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
@@ -435,8 +450,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
                 if HAS_DKM:  # + dKM[j, qclass(i)] from the key block's dKM rows [BLOCK_N, CP]
-                    dp = _add_dkm(dp, _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C), qcls, offs_c, C, False,
-                                  MASS_DOT, PREC)
+                    if q_one:
+                        dp += tl.load(DKM_h + (k_start + cols).to(tl.int64) * C + a0, mask=kmask, other=0.0)[None, :]
+                    else:
+                        dp = _add_dkm(dp, _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C), qcls, offs_c, C, False,
+                                      MASS_DOT, PREC)
                 if HAS_CLASSES:
                     if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
                         ds = p * (dp - (di - tl.load(dm_rows + c0, mask=mask_m, other=0.0))[:, None])
@@ -525,6 +543,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     has_dkm = dkey_mass is not None and has_classes and tq > 0 and tk > 0
     dkm = dkey_mass.float().contiguous() if has_dkm else None
     runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
+    qruns = class_runs(query_class, cu_seqlens_q) if has_dkm else None
     shape = (block_d, prec, has_classes, has_rw, q.element_size())
     key = (dim_bucket(block_d),) + shape[1:] + (str(q.device), tune_count(), has_dkm)
     if has_dkm:
@@ -534,7 +553,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         _get("kmd", launch_configs("kmd", *shape, q.device), key)[
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
             Q=q, K=k, LSE=lse, DELTA=delta, DKM=dkm, DELTA_OUT=delta_km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
-            KCLS=key_class, QCLS=query_class, RUNS=runs if has_rw else None, MUL=mul, ABS=abs_, ADD=add,
+            KCLS=key_class, QCLS=query_class, RUNS=runs if has_rw else None, QRUNS=qruns, MUL=mul, ABS=abs_, ADD=add,
             qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
             stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
             stride_lh=lse.stride(0), stride_dkmh=dkm.stride(0),
@@ -544,8 +563,8 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     common = dict(
         Q=q, K=k, V=v, DO=dout, LSE=lse, DELTA=delta, DMASS=dmass, DKM=dkm, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
         KCLS=key_class if has_classes else None, QCLS=query_class if has_classes else None,
-        RUNS=runs, MUL=mul, ABS=abs_,
-        ADD=add, scale=float(scale), qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
+        RUNS=runs, QRUNS=qruns, MUL=mul, ABS=abs_, ADD=add, scale=float(scale), qk_scale=float(scale) * LOG2E.value,
+        wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0), stride_doh=dout.stride(1),
         stride_lh=lse.stride(0), stride_dmh=dmass.stride(0) if has_classes else 0,

@@ -17,8 +17,9 @@ the masses, table tiles spread from per-row entries by C selects.
 Key masses (key_mass=True): a row's normaliser is known only after all its keys, so a second kernel
 (_key_mass_kernel) runs after the forward, with the shape of the dK/dV backward: each program owns a key block of
 one (sequence, query head), loops over the query blocks that see it, recomputes P = exp2(z' - lse) and sums P over
-the rows of each query class with a small product P^T onehot(query class) [BLOCK_N, CLASS_TILE]; written once per
-key, no atomics. About one more Q K^T; not launched when key masses are not asked.
+the rows of each query class with a small product P^T onehot(query class) [BLOCK_N, CLASS_TILE] (a query block of
+one class, from the query classes' runs: its row sums); written once per key, no atomics. About one more Q K^T;
+not launched when key masses are not asked.
 """
 from __future__ import annotations
 
@@ -400,7 +401,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
 
 @triton.heuristics(FEATURE_FLAGS)
 @triton.jit
-def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
+def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, ABS, ADD,
                      qk_scale, wl, wr,
                      stride_qt, stride_qh, stride_kt, stride_kh, stride_lh, stride_kmh,
                      GROUP, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, C: tl.constexpr, CP: tl.constexpr,
@@ -409,7 +410,8 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """KM[h, j, c] = sum over the rows i of query class c of P[h, i, j]. Grid (key block, query head, sequence):
-    per query head (GQA), so every key's row of KM is written once by one program."""
+    per query head (GQA), so every key's row of KM is written once by one program. QRUNS: class_runs of the query
+    classes; a query block of one class a0 adds its row sums to column a0 (no one-hot product)."""
     pid_n = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.program_id(2)
@@ -446,8 +448,10 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
             masked = phase != 1  # the edge phases 0 and 2 mask scores
             start, nblocks = _phase(phase, lo, nA, startB, nB, startC, nC)
             for b in range(nblocks):
-                rows = start + b * BLOCK_M + offs_m
+                r0 = start + b * BLOCK_M
+                rows = r0 + offs_m
                 rmask = rows < sq
+                q_one, a0 = _one_class(tl.load(QRUNS + q_start + r0), r0, sq, BLOCK_M)
                 q = _load_tile(Q_h, (q_start + rows).to(tl.int64), stride_qt, rmask, offs_d, masked, HEAD_DIM,
                                BLOCK_D)  # [BLOCK_M, BLOCK_D]
                 lse = tl.load(LSE_h + rows, mask=rmask, other=float("-inf"))
@@ -470,7 +474,9 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, ADD,
                     zT = tT * qk_scale
                 zT = _mask_scores(zT, rows[None, :], offs_n[:, None], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
                 pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
-                if MASS_DOT:  # per key, the row sums by query class: pT @ onehot(query class)
+                if q_one:  # one query class: the whole row sum goes to a0's column
+                    km += tl.where(offs_c[None, :] == a0, tl.sum(pT, 1)[:, None], 0.0)
+                elif MASS_DOT:  # per key, the row sums by query class: pT @ onehot(query class)
                     onehot = qcls[:, None] == offs_c[None, :]  # [BLOCK_M, CP]
                     km = _dot_onehot(pT, onehot, km, True, PREC)
                 else:
@@ -580,7 +586,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     _get_km(block_d, prec, has_rw, q.element_size(), q.device)[
         lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hq, nseq)](
         Q=q, K=k, LSE=lse, KM=km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, KCLS=key_class, QCLS=query_class,
-        RUNS=runs if has_rw else None, MUL=mul, ABS=abs_, ADD=add,
+        RUNS=runs if has_rw else None, QRUNS=class_runs(query_class, cu_seqlens_q), MUL=mul, ABS=abs_, ADD=add,
         qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_lh=lse.stride(0), stride_kmh=km.stride(0),
