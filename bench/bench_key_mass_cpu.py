@@ -108,6 +108,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--passes", nargs="+", default=list(PASSES), choices=PASSES)
+    ap.add_argument("--bwd-sizes", type=int, nargs="+", help="the sizes of the fwd+bwd rows (default: --sizes)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     ap.add_argument("--out", default=os.path.join(HERE, "results", "cpu_key_mass"), help="path stem of .md/.json")
@@ -135,6 +136,8 @@ def main():
                        path=args.out, digits={"x plain": 3, "x eager": 3, "peak MiB": 0})
     for s in args.sizes:
         for p in args.passes:
+            if p == "fwd+bwd" and args.bwd_sizes is not None and s not in args.bwd_sizes:
+                continue
             timing = _sub(["--worker", "time", str(s), p, "--reps", str(args.reps)])
             for case in CASES:
                 row = {"S": s, "pass": p, "case": case, "threads": timing.get("threads")}

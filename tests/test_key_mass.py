@@ -352,3 +352,18 @@ def test_cpu_key_mass_small_tiles():
     code = f"import sys; sys.path.insert(0, {HERE!r}); import test_key_mass as t; t.tile_check()"
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_cpu_key_mass_portable_build(monkeypatch):
+    """The portable build (what a CPU without AVX2 runs): key masses and their gradients, where both builds exist."""
+    cpu = _cpu()
+    portable = pytest.importorskip("avar_kernels._C")
+    if cpu.VARIANT == "_C":
+        pytest.skip("the portable build is the one in use: the other tests cover it")
+    monkeypatch.setattr(cpu, "_C", portable)
+    gen = torch.Generator().manual_seed(6)
+    q, k, v, kc = padded_inputs(1, 70, 70, 4, 2, 40, 5, gen)
+    qc = torch.randint(0, 5, (1, 70), generator=gen)
+    kwargs = dict(query_class=qc, num_classes=5, causal=True, window=(30, 0), return_key_mass=True,
+                  reweight=random_reweight("mixed", 4, 5, gen))
+    check_against_reference(ak.attention, (q, k, v, kc), kwargs, torch.float32, "cpu")

@@ -419,15 +419,26 @@ struct ProbScratch {
   TileTables<T> tt;
 };
 
+// St[c0:c1, :nqp] = exp(z' - lsub), then the NaN rows' P (see prob_tile).
+template <typename T>
+inline void finish_probs(T* St, int64_t ldt, TileCols tc, int64_t nqp, const ProbScratch<T>& ps) {
+  const int64_t w = tc.c1 - tc.c0;
+  tile_exp<T>(St, ldt, tc.c0, tc.c1, nqp, ps.lsub.data(), nullptr, nullptr);
+  for (size_t u = 0; u < ps.nan_rows.size(); ++u)
+    for (int64_t c = tc.c0; c < tc.c1; ++c) St[c * ldt + ps.nan_rows[u]] = ps.nan_p[u * w + c - tc.c0];
+}
+
 // St[c0:c1, :nqp] (key-major) = P = exp(z' - lse) of tile (i0, j0) of the grid: the forward's score product bit
 // for bit, then the re-weighting (with G = dz'/dz and Z = the raw scores when those are non-null), the mask, exp.
 // P is 0 where masked, on the padding queries and on rows without keys (lse = -inf); rows whose lse is NaN or
 // +inf take exp(z' - lse) as the reference forms it (NaN on their visible keys). lse_t: lse of the tile's first
 // query; qcls: query classes of the tile's queries. Returns false, computing nothing, when no row has a key.
+// With exp = false it stops before the exponential: St holds the masked z', ps.lsub what to subtract (and ps.nan_p
+// the P of the rows in ps.nan_rows), for a caller that fuses exp with what it does next.
 template <typename T>
 bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ldq, int64_t ldk, const T* lse_t,
                const int32_t* qcls, const int32_t* kcls, T* St, T* G, T* Z, int64_t ldt, int64_t j0, TileCols tc,
-               int64_t off, int64_t i0, int64_t nq, int64_t nqp, ProbScratch<T>& ps) {
+               int64_t off, int64_t i0, int64_t nq, int64_t nqp, ProbScratch<T>& ps, bool exp = true) {
   const int64_t w = tc.c1 - tc.c0, D = P.d;
   ps.lsub.resize(nqp);
   ps.nan_rows.clear();
@@ -463,9 +474,7 @@ bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ld
       ps.nan_p[u * w + c - tc.c0] = z == -kInf<T> ? T(0) : std::exp(z - L);
     }
   }
-  tile_exp<T>(St, ldt, tc.c0, tc.c1, nqp, ps.lsub.data(), nullptr, nullptr);
-  for (size_t u = 0; u < nr.size(); ++u)
-    for (int64_t c = tc.c0; c < tc.c1; ++c) St[c * ldt + nr[u]] = ps.nan_p[u * w + c - tc.c0];
+  if (exp) finish_probs<T>(St, ldt, tc, nqp, ps);
   return true;
 }
 
@@ -492,10 +501,11 @@ struct QueryClasses {
   }
 };
 
-// km[c * C + b] += sum over the tile's queries r of class b of St[c, r], for keys [c0, c1).
+// km[c * C + b] += sum over the tile's queries r of class b of St[c, r], for keys [c0, c1); with sub, of
+// exp(St[c, r] - sub[r]) instead (the exponential fused with the sums: one pass over the tile, nothing stored).
 template <typename T>
 inline void tile_key_class_sums(const T* St, int64_t ldt, int64_t c0, int64_t c1, int64_t nqp,
-                                const QueryClasses<T>& qc, int64_t C, T* km) {
+                                const QueryClasses<T>& qc, int64_t C, T* km, const T* sub = nullptr) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   T buf[VS];
@@ -503,11 +513,13 @@ inline void tile_key_class_sums(const T* St, int64_t ldt, int64_t c0, int64_t c1
   for (int64_t c = c0; c < c1; ++c) {
     const T* p = St + c * ldt;
     for (int64_t b = 0; b < qc.n; ++b) acc[b] = V(T(0));
-    if (qc.n == 1) {
+    if (qc.n == 1 && sub) {
+      for (int64_t r = 0; r < nqp; r += VS) acc[0] = acc[0] + vexp<T>(V::loadu(p + r) - V::loadu(sub + r));
+    } else if (qc.n == 1) {
       for (int64_t r = 0; r < nqp; r += VS) acc[0] = acc[0] + V::loadu(p + r);
     } else {
       for (int64_t r = 0; r < nqp; r += VS) {
-        const V x = V::loadu(p + r);
+        const V x = sub ? vexp<T>(V::loadu(p + r) - V::loadu(sub + r)) : V::loadu(p + r);
         for (int64_t b = 0; b < qc.n; ++b) acc[b] = acc[b] + x * V::loadu(qc.oh.data() + qc.ids[b] * ldt + r);
       }
     }
@@ -581,10 +593,15 @@ void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* 
         const int32_t* qcls = P.query_class + q0 + i0;
         if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
                           lse + h * Tq + q0 + i0, qcls, kcls, St.data(), nullptr, nullptr, ldt, j0, tc, off, i0, nq,
-                          nqp, ps))
+                          nqp, ps, /*exp=*/false))
           continue;
         qcl.fill(qcls, nq, C, ldt);
-        tile_key_class_sums<T>(St.data(), ldt, tc.c0, tc.c1, nqp, qcl, C, kmb);
+        if (ps.nan_rows.empty()) {  // the usual case: exp fused with the sums
+          tile_key_class_sums<T>(St.data(), ldt, tc.c0, tc.c1, nqp, qcl, C, kmb, ps.lsub.data());
+        } else {
+          finish_probs<T>(St.data(), ldt, tc, nqp, ps);
+          tile_key_class_sums<T>(St.data(), ldt, tc.c0, tc.c1, nqp, qcl, C, kmb);
+        }
       }
     }
   });
