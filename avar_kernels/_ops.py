@@ -195,17 +195,26 @@ def decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, ca
                key_class: Optional[torch.Tensor], block_table: Optional[torch.Tensor],
                query_class: Optional[torch.Tensor], num_classes: int, mul: Optional[torch.Tensor],
                abs_: Optional[torch.Tensor], add: Optional[torch.Tensor], scale: float, causal: bool,
-               num_splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CUDA split-KV decode kernel (forward only): (out [B, Sq, Hq, D], lse [B, Hq, Sq], mass [B, Hq, Sq, C])."""
+               num_splits: int, key_mass: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CUDA split-KV decode kernel (forward only): (out [B, Sq, Hq, D], lse [B, Hq, Sq], mass [B, Hq, Sq, C],
+    key_mass [B, Hq, Sk_max, C] float32 with ``key_mass`` (a second kernel over the cache after the final lse), else
+    an empty [0] tensor: custom op outputs cannot be None)."""
     from . import _cuda  # type: ignore[attr-defined]  # built only with a CUDA toolkit and a CUDA torch
 
     return tuple(_cuda.decode_fwd(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class,
-                                  num_classes, mul, abs_, add, scale, causal, num_splits))
+                                  num_classes, mul, abs_, add, scale, causal, num_splits, key_mass))
+
+
+def decode_sk_max(k_cache, block_table):
+    """The cache's logical length Sk_max: k_cache's dim 1, or max_blocks * block_size when paged."""
+    return k_cache.shape[1] if block_table is None else block_table.shape[1] * k_cache.shape[1]
 
 
 @decode_fwd.register_fake
 def _decode_fwd_fake(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class, num_classes, mul,
-                     abs_, add, scale, causal, num_splits):
+                     abs_, add, scale, causal, num_splits, key_mass=False):
     b, sq, hq, _ = q.shape
+    km_shape = (b, hq, decode_sk_max(k_cache, block_table), num_classes) if key_mass else (0,)
     return (torch.empty_like(q), q.new_empty(b, hq, sq, dtype=torch.float32),
-            q.new_empty(b, hq, sq, num_classes, dtype=torch.float32))
+            q.new_empty(b, hq, sq, num_classes, dtype=torch.float32), q.new_empty(km_shape, dtype=torch.float32))

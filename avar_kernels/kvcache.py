@@ -5,7 +5,8 @@ appended: ``cache_seqlens[b]`` counts the valid keys of sequence b, the new rows
 masking is bottom-right aligned (query i of Sq sees key j iff ``j <= i + cache_seqlens[b] - Sq``).
 
 On CUDA tensors it runs the split-KV CUDA kernel of ``csrc/cuda/decode.cu`` (module ``avar_kernels._cuda``,
-forward only). Anywhere else (CPU tensors, an unsupported shape, gradients needed, or the extension not built)
+forward only; with ``return_key_mass`` a second kernel over the cache sums the new rows' attention per key and
+query class). Anywhere else (CPU tensors, an unsupported shape, gradients needed, or the extension not built)
 it gathers each sequence's valid keys into the packed varlen form and calls
 :func:`avar_kernels.attention_varlen` with the requested backend.
 """
@@ -113,8 +114,26 @@ def _vec_ok(t):
             and t.data_ptr() % 16 == 0)
 
 
+def _cuda_why_not(q, d, sq, needs_grad):
+    """Why the CUDA decode kernel cannot serve this call, or None when it can."""
+    if q.device.type != "cuda":
+        return f"the tensors are on {q.device}, not a CUDA device"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"it supports float16 and bfloat16, got {q.dtype}"
+    if d not in CUDA_HEAD_DIMS:
+        return f"head dim {d} is not one of {CUDA_HEAD_DIMS}"
+    if sq > CUDA_MAX_SQ:
+        return f"Sq={sq} > {CUDA_MAX_SQ} query rows per sequence"
+    if needs_grad:
+        return "it has no backward and an input requires grad"
+    if not cuda_available():
+        return _cuda_unavailable_reason()
+    return None
+
+
 def _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class, num_classes, tables,
-              scale, causal):
+              scale, causal, key_mass):
+    """-> (out, lse, mass, key_mass [B, Hq, Sk_max, C] or None)."""
     if not _vec_ok(q):
         q = q.contiguous()
     if not (_vec_ok(k_cache) and _vec_ok(v_cache)):
@@ -124,9 +143,11 @@ def _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_
     if key_class is not None and key_class.stride(-1) != 1:
         key_class = key_class.contiguous()
     mul, abs_, add = tables
-    return _ops.decode_fwd(q, k_cache, v_cache, cache_seqlens, key_class,
-                           None if block_table is None else block_table.contiguous(), query_class,
-                           int(num_classes), mul, abs_, add, float(scale), bool(causal), int(_FORCE_SPLITS))
+    out, lse, mass, km = _ops.decode_fwd(q, k_cache, v_cache, cache_seqlens, key_class,
+                                         None if block_table is None else block_table.contiguous(), query_class,
+                                         int(num_classes), mul, abs_, add, float(scale), bool(causal),
+                                         int(_FORCE_SPLITS), bool(key_mass))
+    return out, lse, mass, (km if key_mass else None)
 
 
 def gather_packed(k_cache, v_cache, cache_seqlens, lens, block_table, key_class):
@@ -204,7 +225,8 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
 
         return_key_mass: also return ``key_mass [B, Hq, Sk_max, C]``: the new rows' attention on every cache
             position, summed by query class (0 past ``cache_seqlens``); accumulate it over the steps of a generation
-            for a heatmap. Computed by the packed varlen path (the CUDA decode kernel does not produce it).
+            for a heatmap. On the CUDA kernel a second kernel over the cache after the forward (about one more
+            read of K); without gradients only, like the rest of the CUDA path.
 
     Returns:
         ``AttentionOutput(out [B, Sq, Hq, D], mass [B, Hq, Sq, C] float32 or None, lse [B, Hq, Sq] float32 or None,
@@ -235,28 +257,13 @@ def attention_with_kvcache(q, k_cache, v_cache, cache_seqlens, key_class=None, *
 
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (q, k_cache, v_cache) + tuple(x for x in tables if x is not None))
-    why_not = None
-    if q.device.type != "cuda":
-        why_not = f"the tensors are on {q.device}, not a CUDA device"
-    elif q.dtype not in (torch.float16, torch.bfloat16):
-        why_not = f"it supports float16 and bfloat16, got {q.dtype}"
-    elif d not in CUDA_HEAD_DIMS:
-        why_not = f"head dim {d} is not one of {CUDA_HEAD_DIMS}"
-    elif sq > CUDA_MAX_SQ:
-        why_not = f"Sq={sq} > {CUDA_MAX_SQ} query rows per sequence"
-    elif needs_grad:
-        why_not = "it has no backward and an input requires grad"
-    elif return_key_mass:
-        why_not = "it does not compute key masses (return_key_mass=True)"
-    elif not cuda_available():
-        why_not = _cuda_unavailable_reason()
+    why_not = _cuda_why_not(q, d, sq, needs_grad)
 
     if backend == "cuda" and why_not is not None:
         raise ValueError(f"backend='cuda': the CUDA decode kernel cannot run: {why_not}")
     if backend == "cuda" or (backend == "auto" and why_not is None):
-        out, lse, mass = _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class,
-                                   num_classes, tables, scale, causal)
-        key_mass = None
+        out, lse, mass, key_mass = _run_cuda(q, k_cache, v_cache, cache_seqlens, key_class, block_table,
+                                             query_class, num_classes, tables, scale, causal, return_key_mass)
     else:
         if backend == "auto" and q.device.type == "cuda" and _cuda_module() is None:
             warn_once("attention_with_kvcache: " + _cuda_unavailable_reason() + "; using the packed varlen path")

@@ -68,12 +68,12 @@ avar::DecodeDtype decode_dtype(at::ScalarType t) {
     return t == at::kBFloat16 ? avar::DecodeDtype::kBFloat16 : avar::DecodeDtype::kFloat16;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& cache_seqlens,
     const std::optional<at::Tensor>& key_class, const std::optional<at::Tensor>& block_table,
     const std::optional<at::Tensor>& query_class, int64_t num_classes, const std::optional<at::Tensor>& mul,
     const std::optional<at::Tensor>& abs_, const std::optional<at::Tensor>& add, double scale, bool causal,
-    int64_t num_splits) {
+    int64_t num_splits, bool key_mass) {
     TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
     const at::Device dev = q.device();
     TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
@@ -145,6 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     } else {
         TORCH_CHECK(num_classes == 0, "num_classes must be 0 without key_class");
         TORCH_CHECK(!mul.has_value() && !abs_.has_value() && !add.has_value(), "reweight tables need key_class");
+        TORCH_CHECK(!key_mass, "key_mass: needs key_class (key masses are summed by query class)");
     }
     p.C = int(num_classes);
     p.mul = table_ptr(mul, "mul", Hq, num_classes, dev);
@@ -154,6 +155,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     at::Tensor out = at::empty({B, Sq, Hq, D}, q.options());
     at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
     at::Tensor mass = at::empty({B, Hq, Sq, num_classes}, q.options().dtype(at::kFloat));
+    // Not pre-zeroed: the key-mass kernel writes every element (zeros past a cache's end). Empty [0] when not asked,
+    // as the custom op's schema has no optional outputs.
+    at::Tensor km = key_mass ? at::empty({B, Hq, sk_max, num_classes}, q.options().dtype(at::kFloat))
+                             : at::empty({0}, q.options().dtype(at::kFloat));
+    if (key_mass) {
+        TORCH_CHECK(B * Hk <= 65535, "key_mass: B * Hk (", B * Hk, ") must be at most 65535");
+        p.key_mass = km.data_ptr<float>();
+    }
     p.out = out.data_ptr();
     p.out_batch_stride = out.stride(0);
     p.out_seq_stride = out.stride(1);
@@ -168,7 +177,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     p.Sk_max = int(sk_max);
     p.scale = float(scale);
     p.causal = causal;
-    if (B == 0) return {out, lse, mass};
+    if (B == 0) return {out, lse, mass, km};
 
     avar::avar_decode_plan(p, resident_ctas(p, dev.index()), int(num_splits));
     at::Tensor ws;
@@ -182,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     }
     const cudaError_t err = avar::avar_decode_fwd(p, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
     TORCH_CHECK(err == cudaSuccess, "avar decode kernel launch failed: ", cudaGetErrorString(err));
-    return {out, lse, mass};
+    return {out, lse, mass, km};
 }
 
 // The plan decode_fwd makes for a shape on a device: (num_splits, keys_per_split, resident CTAs); benchmarks
@@ -209,13 +218,15 @@ std::tuple<int64_t, int64_t, int64_t> decode_plan(int64_t B, int64_t Sq, int64_t
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "avar-kernels CUDA decode kernels (split-KV attention with per-class mass)";
-    m.def("decode_fwd", &decode_fwd, "split-KV decode forward -> (out, lse, mass)", pybind11::arg("q"),
+    m.def("decode_fwd", &decode_fwd,
+          "split-KV decode forward -> (out, lse, mass, key_mass [B, Hq, Sk_max, C] with key_mass=True, else [0])",
+          pybind11::arg("q"),
           pybind11::arg("k_cache"), pybind11::arg("v_cache"), pybind11::arg("cache_seqlens"),
           pybind11::arg("key_class") = std::nullopt, pybind11::arg("block_table") = std::nullopt,
           pybind11::arg("query_class") = std::nullopt, pybind11::arg("num_classes") = 0,
           pybind11::arg("mul") = std::nullopt, pybind11::arg("abs_") = std::nullopt,
           pybind11::arg("add") = std::nullopt, pybind11::arg("scale") = 1.0, pybind11::arg("causal") = true,
-          pybind11::arg("num_splits") = 0);
+          pybind11::arg("num_splits") = 0, pybind11::arg("key_mass") = false);
     m.def("decode_plan", &decode_plan, "(num_splits, keys_per_split, resident CTAs) decode_fwd would use",
           pybind11::arg("B"), pybind11::arg("Sq"), pybind11::arg("Hq"), pybind11::arg("Hk"), pybind11::arg("D"),
           pybind11::arg("sk_max"), pybind11::arg("dtype"), pybind11::arg("device"));

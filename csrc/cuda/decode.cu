@@ -11,6 +11,8 @@
 //     masses (and their sum, the softmax denominator) ride on the same accumulation and rescaling;
 //   * each split writes normalized (out, lse, mass) to an fp32 workspace; the combine kernel merges the splits
 //     with weights exp(lse_split - lse_total). With one split the CTA writes the final outputs itself.
+//   * key masses (optional): a second kernel over the cache after the final lse is known, recomputing the scores
+//     with the forward's score_tile and summing P per key and query class (decode_key_mass_kernel).
 #include "decode.h"
 
 #include <cuda_bf16.h>
@@ -104,6 +106,134 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
+// ---- Pieces shared by the split (forward) kernel and the key-mass kernel: both must see the same z', so the row
+// loads, the tile loads and the score computation exist once.
+
+// The rows r < Rc of a CTA are rows row0 + r of its kv head's group; row -> (query head hg, query qi) = divmod(row,
+// Sq). Loads q pre-scaled to fp32 into Qs [Rc, D] and each row's re-weight coefficients over the key classes into
+// mul_s / abs_s / add_s [Rc, kDecodeMaxClasses] (zeros without tables).
+template <typename T, int D>
+__device__ __forceinline__ void load_query_rows(const DecodeParams& p, int b, int kvh, int row0, int Rc, float* Qs,
+                                                float* mul_s, float* abs_s, float* add_s) {
+    constexpr int DC = D / 8;
+    const int tid = threadIdx.x, Sq = p.Sq, C = p.C, group = p.Hq / p.Hk;
+    const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
+    const T* __restrict__ qg = static_cast<const T*>(p.q);
+    for (int idx = tid; idx < Rc * DC; idx += kThreads) {
+        const int r = idx / DC, c = idx % DC;
+        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+        float f[8];
+        load8(qg + b * p.q_batch_stride + qi * p.q_seq_stride + h * p.q_head_stride + c * 8, f);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) Qs[r * D + c * 8 + e] = f[e] * p.scale;
+    }
+    for (int idx = tid; idx < Rc * kDecodeMaxClasses; idx += kThreads) {
+        const int r = idx / kDecodeMaxClasses, c = idx % kDecodeMaxClasses;
+        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+        float mu = 0.f, ab = 0.f, ad = 0.f;
+        if (has_rw && c < C) {
+            const int a = p.query_class != nullptr ? p.query_class[b * p.query_class_batch_stride + qi] : 0;
+            const int64_t t = (int64_t(h) * C + a) * C + c;
+            if (p.mul) mu = p.mul[t];
+            if (p.abs_) ab = p.abs_[t];
+            if (p.add) ad = p.add[t];
+        }
+        mul_s[idx] = mu;
+        abs_s[idx] = ab;
+        add_s[idx] = ad;
+    }
+}
+
+// Issues the cp.async copies of the K tile (and of the V tile when vd != nullptr) of keys j0 .. j0 + TN - 1 of kv
+// head kvh of sequence b, paged through block_table or not, zero-filling keys >= kend, and stores the keys' classes
+// in kcls (0 without classes or past kend). The caller commits and waits.
+template <typename T, int D>
+__device__ __forceinline__ void load_kv_tile(const DecodeParams& p, int b, int kvh, int j0, int kend, T* kd, T* vd,
+                                             int* kcls) {
+    using Cfg = DecodeConfig<D>;
+    constexpr int TN = Cfg::kTileN;
+    constexpr int KST = Cfg::kKStride;
+    constexpr int DC = Cfg::kChunks;
+    const int tid = threadIdx.x;
+    const T* __restrict__ kg = static_cast<const T*>(p.k);
+    const T* __restrict__ vg = static_cast<const T*>(p.v);
+    for (int idx = tid; idx < TN * DC; idx += kThreads) {
+        const int n = idx / DC, c = idx % DC;
+        const int j = j0 + n;
+        const bool ok = j < kend;
+        const T* kp = kg;
+        const T* vp = vg;
+        if (ok) {
+            int64_t page, row;
+            if (p.block_table != nullptr) {
+                page = p.block_table[b * p.block_table_batch_stride + j / p.block_size];
+                row = j % p.block_size;
+            } else {
+                page = b;
+                row = j;
+            }
+            kp = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride + c * 8;
+            vp = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride + c * 8;
+        }
+        cp_async16(kd + n * KST + c * 8, kp, ok);
+        if (vd != nullptr) cp_async16(vd + n * KST + c * 8, vp, ok);
+    }
+    for (int n = tid; n < TN; n += kThreads) {
+        const int j = j0 + n;
+        kcls[n] = (p.key_class != nullptr && j < kend) ? p.key_class[b * p.key_class_batch_stride + j] : 0;
+    }
+}
+
+// Ss[r, n] = z' of row row0 + r and key j0 + n, for the Rc rows in Qs and the TN keys of the K tile ktile (shared
+// memory): (scale q) . k in fp32, the class-wise re-weighting, then -inf where the key is >= kend or hidden by the
+// bottom-right causal mask (query qi sees key j iff j <= qi + causal_off). Thread = (key n, row group).
+template <typename T, int D>
+__device__ __forceinline__ void score_tile(const T* ktile, const int* kcls, const float* Qs, const float* mul_s,
+                                           const float* abs_s, const float* add_s, bool has_rw, bool causal,
+                                           int causal_off, int Sq, int row0, int Rc, int j0, int kend, float* Ss) {
+    using Cfg = DecodeConfig<D>;
+    constexpr int TN = Cfg::kTileN;
+    constexpr int KST = Cfg::kKStride;
+    constexpr int DC = Cfg::kChunks;
+    constexpr int SST = TN + 1;
+    const int qk_n = threadIdx.x % TN, qk_g = threadIdx.x / TN;
+    const T* krow = ktile + qk_n * KST;
+    float acc[Cfg::kQkRowsPerThread];
+#pragma unroll
+    for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) acc[i] = 0.f;
+#pragma unroll 4
+    for (int c = 0; c < DC; ++c) {
+        float kf[8];
+        load8(krow + c * 8, kf);
+#pragma unroll
+        for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
+            const int r = qk_g + i * Cfg::kQkGroups;
+            if (r < Rc) {
+                const float4 q0 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8);
+                const float4 q1 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8 + 4);
+                acc[i] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] +
+                          q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
+            }
+        }
+    }
+    const int j = j0 + qk_n;
+    const int kc = kcls[qk_n];
+#pragma unroll
+    for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
+        const int r = qk_g + i * Cfg::kQkGroups;
+        if (r < Rc) {
+            float s = acc[i];
+            if (has_rw) {
+                const int w = r * kDecodeMaxClasses + kc;
+                s = s + s * mul_s[w] + abs_s[w] * fabsf(s) + add_s[w];
+            }
+            const int qi = (row0 + r) % Sq;
+            const bool visible = j < kend && (!causal || j <= qi + causal_off);
+            Ss[r * SST + qk_n] = visible ? s : -INFINITY;
+        }
+    }
+}
+
 template <typename T, int D> size_t split_smem_bytes(int rows_cap) {
     using Cfg = DecodeConfig<D>;
     size_t bytes = 2ull * kStages * Cfg::kTileN * Cfg::kKStride * sizeof(T);  // K, V tiles
@@ -151,37 +281,10 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     const int kend = min(kbeg + p.keys_per_split, seqlen);
     const int ntiles = kend > kbeg ? (kend - kbeg + TN - 1) / TN : 0;
     const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
-    const bool has_cls = p.key_class != nullptr;
     const int causal_off = seqlen - Sq;  // query i sees key j iff j <= i + causal_off
 
-    const T* __restrict__ kg = static_cast<const T*>(p.k);
-    const T* __restrict__ vg = static_cast<const T*>(p.v);
-    const T* __restrict__ qg = static_cast<const T*>(p.q);
-
     // ---- Q (pre-scaled fp32), per-row reweight coefficients, running max.
-    for (int idx = tid; idx < Rc * DC; idx += kThreads) {
-        const int r = idx / DC, c = idx % DC;
-        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
-        float f[8];
-        load8(qg + b * p.q_batch_stride + qi * p.q_seq_stride + h * p.q_head_stride + c * 8, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) Qs[r * D + c * 8 + e] = f[e] * p.scale;
-    }
-    for (int idx = tid; idx < Rc * kDecodeMaxClasses; idx += kThreads) {
-        const int r = idx / kDecodeMaxClasses, c = idx % kDecodeMaxClasses;
-        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
-        float mu = 0.f, ab = 0.f, ad = 0.f;
-        if (has_rw && c < C) {
-            const int a = p.query_class != nullptr ? p.query_class[b * p.query_class_batch_stride + qi] : 0;
-            const int64_t t = (int64_t(h) * C + a) * C + c;
-            if (p.mul) mu = p.mul[t];
-            if (p.abs_) ab = p.abs_[t];
-            if (p.add) ad = p.add[t];
-        }
-        mul_s[idx] = mu;
-        abs_s[idx] = ab;
-        add_s[idx] = ad;
-    }
+    load_query_rows<T, D>(p, b, kvh, row0, Rc, Qs, mul_s, abs_s, add_s);
     for (int r = tid; r < rows_cap; r += kThreads) {
         m_s[r] = -INFINITY;
         alpha_s[r] = 1.f;
@@ -190,38 +293,11 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 
     // ---- K/V tile loader (paged or not), zero-filling keys past kend.
     auto load_tile = [&](int t, int stage) {
-        const int j0 = kbeg + t * TN;
-        T* kd = Ks + stage * TN * KST;
-        T* vd = Vs + stage * TN * KST;
-        for (int idx = tid; idx < TN * DC; idx += kThreads) {
-            const int n = idx / DC, c = idx % DC;
-            const int j = j0 + n;
-            const bool ok = j < kend;
-            const T* kp = kg;
-            const T* vp = vg;
-            if (ok) {
-                int64_t page, row;
-                if (p.block_table != nullptr) {
-                    page = p.block_table[b * p.block_table_batch_stride + j / p.block_size];
-                    row = j % p.block_size;
-                } else {
-                    page = b;
-                    row = j;
-                }
-                kp = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride + c * 8;
-                vp = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride + c * 8;
-            }
-            cp_async16(kd + n * KST + c * 8, kp, ok);
-            cp_async16(vd + n * KST + c * 8, vp, ok);
-        }
-        for (int n = tid; n < TN; n += kThreads) {
-            const int j = j0 + n;
-            kcls_s[stage * TN + n] = (has_cls && j < kend) ? p.key_class[b * p.key_class_batch_stride + j] : 0;
-        }
+        load_kv_tile<T, D>(p, b, kvh, kbeg + t * TN, kend, Ks + stage * TN * KST, Vs + stage * TN * KST,
+                           kcls_s + stage * TN);
     };
 
-    // Thread roles.
-    const int qk_n = tid % TN, qk_g = tid / TN;
+    // Thread roles (S = Q K^T: score_tile).
     // O += P V: thread = (column chunk pv_c, group pv_g). With few rows (decode: Sq = 1, a small GQA group) the
     // groups are split further over the keys of a tile (pv_ks sub-splits, key n handled by sub n % pv_ks); the
     // sub-split partial sums share every rescaling and are added once after the key loop.
@@ -254,43 +330,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         __syncthreads();
 
         // ---- S = (scale q) k^T, re-weighted and masked.
-        {
-            const T* krow = Ks + stage * TN * KST + qk_n * KST;
-            float acc[Cfg::kQkRowsPerThread];
-#pragma unroll
-            for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) acc[i] = 0.f;
-#pragma unroll 4
-            for (int c = 0; c < DC; ++c) {
-                float kf[8];
-                load8(krow + c * 8, kf);
-#pragma unroll
-                for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
-                    const int r = qk_g + i * Cfg::kQkGroups;
-                    if (r < Rc) {
-                        const float4 q0 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8);
-                        const float4 q1 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8 + 4);
-                        acc[i] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] +
-                                  q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
-                    }
-                }
-            }
-            const int j = kbeg + t * TN + qk_n;
-            const int kc = kcls_s[stage * TN + qk_n];
-#pragma unroll
-            for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
-                const int r = qk_g + i * Cfg::kQkGroups;
-                if (r < Rc) {
-                    float s = acc[i];
-                    if (has_rw) {
-                        const int w = r * kDecodeMaxClasses + kc;
-                        s = s + s * mul_s[w] + abs_s[w] * fabsf(s) + add_s[w];
-                    }
-                    const int qi = (row0 + r) % Sq;
-                    const bool visible = j < kend && (!p.causal || j <= qi + causal_off);
-                    Ss[r * SST + qk_n] = visible ? s : -INFINITY;
-                }
-            }
-        }
+        score_tile<T, D>(Ks + stage * TN * KST, kcls_s + stage * TN, Qs, mul_s, abs_s, add_s, has_rw, p.causal,
+                         causal_off, Sq, row0, Rc, kbeg + t * TN, kend, Ss);
         __syncthreads();
 
         // ---- online softmax: one warp per row.
@@ -479,6 +520,107 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
     if (lane == 0) p.lse[row] = (sum > 0.f && mx != -INFINITY) ? mx + logf(sum) : -INFINITY;
 }
 
+// ---- Key masses: key_mass[b, h, j, c] = sum over the new rows i of query class c of P[b, h, i, j].
+// A row's normaliser is its final lse, known only after every split and the combine, so this is a second kernel:
+// grid (key block of kTileN keys, B * Hk). A CTA loads its K tile once (no V), then walks the kv head's GQA group in
+// chunks of whole query heads (a head's Sq rows are summed together, so a chunk never splits a head), recomputes
+// the chunk's scores with score_tile (the forward's z', bit for bit the same code), and sums P = exp(z' - lse) per
+// key and query class (P = 0 for masked keys and for rows that see no key, lse = -inf). Each key belongs to one CTA:
+// no atomics, and blocks past a cache's end write their zeros (the output is not pre-zeroed).
+
+template <typename T, int D> size_t key_mass_smem_bytes(int rows_cap) {
+    using Cfg = DecodeConfig<D>;
+    size_t bytes = size_t(Cfg::kTileN) * Cfg::kKStride * sizeof(T);       // K tile
+    bytes += size_t(rows_cap) * D * sizeof(float);                      // Q (fp32, pre-scaled)
+    bytes += size_t(rows_cap) * (Cfg::kTileN + 1) * sizeof(float);      // S
+    bytes += size_t(Cfg::kTileN) * sizeof(int);                         // key classes
+    bytes += size_t(rows_cap) * kDecodeMaxClasses * 3 * sizeof(float);  // per-row reweight coefficients
+    bytes += size_t(rows_cap) * sizeof(float);                          // lse
+    bytes += size_t(kDecodeMaxSq) * sizeof(int);                        // query classes
+    return bytes;
+}
+
+// Query heads per chunk of the key-mass CTA: as many whole heads as fit the kernel's row capacity (kRows >= 32 >=
+// 2 * kDecodeMaxSq, so at least two unless the group is one head).
+template <int D> int key_mass_heads_per_chunk(const DecodeParams& p) {
+    return std::max(1, std::min(p.Hq / p.Hk, DecodeConfig<D>::kRows / std::max(1, p.Sq)));
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_key_mass_kernel(const DecodeParams p, const int heads_per_chunk) {
+    using Cfg = DecodeConfig<D>;
+    constexpr int TN = Cfg::kTileN;
+    constexpr int KST = Cfg::kKStride;
+    constexpr int SST = TN + 1;
+    const int Sq = p.Sq, C = p.C, group = p.Hq / p.Hk;
+    const int rows_cap = heads_per_chunk * Sq;
+
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    T* Ks = reinterpret_cast<T*>(smem_raw);
+    float* Qs = reinterpret_cast<float*>(Ks + TN * KST);
+    float* Ss = Qs + rows_cap * D;
+    int* kcls_s = reinterpret_cast<int*>(Ss + rows_cap * SST);
+    float* mul_s = reinterpret_cast<float*>(kcls_s + TN);
+    float* abs_s = mul_s + rows_cap * kDecodeMaxClasses;
+    float* add_s = abs_s + rows_cap * kDecodeMaxClasses;
+    float* lse_s = add_s + rows_cap * kDecodeMaxClasses;
+    int* qcls_s = reinterpret_cast<int*>(lse_s + rows_cap);
+
+    const int tid = threadIdx.x;
+    const int j0 = blockIdx.x * TN;
+    const int b = blockIdx.y / p.Hk;
+    const int kvh = blockIdx.y % p.Hk;
+    const int seqlen = p.cache_seqlens[b];
+    const int nkeys = min(TN, p.Sk_max - j0);  // this block's keys inside the output
+    // key_mass[b, h, j0 .. j0 + nkeys - 1, :] is nkeys * C contiguous floats per query head h.
+    auto km_block = [&](int hg) {
+        return p.key_mass + ((int64_t(b) * p.Hq + int64_t(kvh) * group + hg) * p.Sk_max + j0) * C;
+    };
+    if (j0 >= seqlen) {  // no row sees these keys
+        for (int hg = 0; hg < group; ++hg) {
+            float* dst = km_block(hg);
+            for (int idx = tid; idx < nkeys * C; idx += kThreads) dst[idx] = 0.f;
+        }
+        return;
+    }
+
+    load_kv_tile<T, D>(p, b, kvh, j0, seqlen, Ks, nullptr, kcls_s);
+    cp_async_commit();
+    for (int qi = tid; qi < Sq; qi += kThreads) qcls_s[qi] = p.query_class[b * p.query_class_batch_stride + qi];
+    const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
+    const int causal_off = seqlen - Sq;
+
+    for (int h0 = 0; h0 < group; h0 += heads_per_chunk) {
+        const int nh = min(heads_per_chunk, group - h0);
+        const int row0 = h0 * Sq, Rc = nh * Sq;
+        if (h0 > 0) __syncthreads();  // the previous chunk's sums have read Ss and lse_s
+        load_query_rows<T, D>(p, b, kvh, row0, Rc, Qs, mul_s, abs_s, add_s);
+        for (int r = tid; r < Rc; r += kThreads) {
+            const int gr = row0 + r, h = kvh * group + gr / Sq, qi = gr % Sq;
+            lse_s[r] = p.lse[(int64_t(b) * p.Hq + h) * Sq + qi];
+        }
+        cp_async_wait<0>();
+        __syncthreads();
+        score_tile<T, D>(Ks, kcls_s, Qs, mul_s, abs_s, add_s, has_rw, p.causal, causal_off, Sq, row0, Rc, j0, seqlen,
+                         Ss);
+        __syncthreads();
+        // Thread = (head, key, class) of the chunk; consecutive threads write consecutive floats. Each (row, key)
+        // P is formed once, by the thread of the row's class; keys >= seqlen have S = -inf and get 0.
+        for (int idx = tid; idx < nh * nkeys * C; idx += kThreads) {
+            const int hl = idx / (nkeys * C), rem = idx % (nkeys * C), n = rem / C, c = rem % C;
+            float acc = 0.f;
+            for (int qi = 0; qi < Sq; ++qi) {
+                if (qcls_s[qi] != c) continue;
+                const int r = hl * Sq + qi;
+                const float s = Ss[r * SST + n], lse = lse_s[r];
+                // NaN in s or lse propagates (as in plain attention); masked keys and empty rows add nothing.
+                if (s != -INFINITY && lse != -INFINITY) acc += __expf(s - lse);
+            }
+            km_block(h0 + hl)[rem] = acc;
+        }
+    }
+}
+
 template <int D> int row_chunks(const DecodeParams& p) {
     const int R = (p.Hq / p.Hk) * p.Sq;
     return (R + DecodeConfig<D>::kRows - 1) / DecodeConfig<D>::kRows;
@@ -495,6 +637,10 @@ template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, in
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                            int(split_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
     if (err != cudaSuccess) return err;
+    // The key-mass kernel of the same (dtype, head dim) needs up to ~72 KB too (kRows rows of fp32 Q and S).
+    err = cudaFuncSetAttribute(decode_key_mass_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(key_mass_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
+    if (err != cudaSuccess) return err;
     return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, kThreads,
                                                          split_smem_bytes<T, D>(rows_cap<D>(p)));
 }
@@ -503,6 +649,15 @@ template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cud
     const int rc = rows_cap<D>(p);
     const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_chunks<D>(p)));
     decode_split_kernel<T, D><<<grid, kThreads, split_smem_bytes<T, D>(rc), stream>>>(p, rc);
+    return cudaGetLastError();
+}
+
+template <typename T, int D> cudaError_t launch_key_mass(const DecodeParams& p, cudaStream_t stream) {
+    const int64_t blocks = (int64_t(p.Sk_max) + DecodeConfig<D>::kTileN - 1) / DecodeConfig<D>::kTileN;
+    if (blocks == 0) return cudaSuccess;
+    const int hpc = key_mass_heads_per_chunk<D>(p);
+    const dim3 grid(unsigned(blocks), unsigned(p.B * p.Hk));
+    decode_key_mass_kernel<T, D><<<grid, kThreads, key_mass_smem_bytes<T, D>(hpc * p.Sq), stream>>>(p, hpc);
     return cudaGetLastError();
 }
 
@@ -550,6 +705,18 @@ template <typename T> cudaError_t dispatch_split(const DecodeParams& p, cudaStre
         AVAR_HDIM_CASE(96, [&] { return launch_split<T, kD>(p, stream); })
         AVAR_HDIM_CASE(128, [&] { return launch_split<T, kD>(p, stream); })
         AVAR_HDIM_CASE(256, [&] { return launch_split<T, kD>(p, stream); })
+        default:
+            return cudaErrorInvalidValue;
+    }
+}
+
+template <typename T> cudaError_t dispatch_key_mass(const DecodeParams& p, cudaStream_t stream) {
+    switch (p.D) {
+        AVAR_HDIM_CASE(64, [&] { return launch_key_mass<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(80, [&] { return launch_key_mass<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(96, [&] { return launch_key_mass<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(128, [&] { return launch_key_mass<T, kD>(p, stream); })
+        AVAR_HDIM_CASE(256, [&] { return launch_key_mass<T, kD>(p, stream); })
         default:
             return cudaErrorInvalidValue;
     }
@@ -618,6 +785,16 @@ cudaError_t avar_decode_combine(const DecodeParams& p, cudaStream_t stream) {
                                              : launch_combine<__half>(p, stream);
 }
 
+cudaError_t avar_decode_key_mass(const DecodeParams& p, cudaStream_t stream) {
+    // The grid's y dimension holds B * Hk (at most 65535).
+    if (p.key_mass == nullptr || p.C < 1 || p.C > kDecodeMaxClasses || p.key_class == nullptr ||
+        p.query_class == nullptr || p.Sk_max < 0 || int64_t(p.B) * p.Hk > 65535 || p.Sq < 1 || p.Sq > kDecodeMaxSq ||
+        p.Hk <= 0 || p.Hq % p.Hk != 0 || !avar_decode_supported_head_dim(p.D))
+        return cudaErrorInvalidValue;
+    return p.dtype == DecodeDtype::kBFloat16 ? dispatch_key_mass<__nv_bfloat16>(p, stream)
+                                             : dispatch_key_mass<__half>(p, stream);
+}
+
 cudaError_t avar_decode_fwd(const DecodeParams& p, cudaStream_t stream) {
     if (p.B <= 0 || p.Hq <= 0 || p.Hk <= 0 || p.Hq % p.Hk != 0 || p.Sq <= 0 || p.Sq > kDecodeMaxSq ||
         p.C < 0 || p.C > kDecodeMaxClasses || p.num_splits < 1 || p.num_splits > kDecodeMaxSplits ||
@@ -625,10 +802,15 @@ cudaError_t avar_decode_fwd(const DecodeParams& p, cudaStream_t stream) {
         return cudaErrorInvalidValue;
     if (p.num_splits > 1 && (p.ws_out == nullptr || p.ws_lse == nullptr || (p.C > 0 && p.ws_mass == nullptr)))
         return cudaErrorInvalidValue;
+    if (p.key_mass != nullptr &&
+        (p.C < 1 || p.key_class == nullptr || p.query_class == nullptr || int64_t(p.B) * p.Hk > 65535))
+        return cudaErrorInvalidValue;
     cudaError_t err = p.dtype == DecodeDtype::kBFloat16 ? dispatch_split<__nv_bfloat16>(p, stream)
                                                         : dispatch_split<__half>(p, stream);
-    if (err != cudaSuccess || p.num_splits == 1) return err;
-    return avar_decode_combine(p, stream);
+    if (err == cudaSuccess && p.num_splits > 1) err = avar_decode_combine(p, stream);
+    // Same stream: the key-mass pass reads the final lse the split (one split) or combine kernel wrote.
+    if (err == cudaSuccess && p.key_mass != nullptr) err = avar_decode_key_mass(p, stream);
+    return err;
 }
 
 }  // namespace avar

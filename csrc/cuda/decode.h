@@ -10,7 +10,8 @@
 //   cache_seqlens int32 [B]: valid keys per sequence (the new rows' keys included)
 //   key_class  int32 [B, Sk_max] (logical key positions) or nullptr; query_class int32 [B, Sq]
 //   mul/abs/add float32 [Hq, C, C] contiguous or nullptr
-//   out [B, Sq, Hq, D] (q's dtype), lse float32 [B, Hq, Sq] contiguous, mass float32 [B, Hq, Sq, C] contiguous
+//   out [B, Sq, Hq, D] (q's dtype), lse float32 [B, Hq, Sq] contiguous, mass float32 [B, Hq, Sq, C] contiguous,
+//   key_mass float32 [B, Hq, Sk_max, C] contiguous (optional)
 // Causal masking is bottom-right aligned: query i of Sq sees key j iff j <= i + seqlen - Sq.
 #pragma once
 
@@ -53,6 +54,9 @@ struct DecodeParams {
     int64_t out_batch_stride = 0, out_seq_stride = 0, out_head_stride = 0;
     float* lse = nullptr;   // [B, Hq, Sq]
     float* mass = nullptr;  // [B, Hq, Sq, C] (unused when C == 0)
+    // [B, Hq, Sk_max, C] contiguous, or nullptr: the new rows' attention on every cache position summed by query
+    // class, 0 past cache_seqlens (every element is written). Needs C >= 1, key_class and query_class.
+    float* key_mass = nullptr;
 
     // fp32 workspace, needed when num_splits > 1 (see avar_decode_workspace_floats):
     // ws_out [num_splits, B, Hq, Sq, D], ws_lse [num_splits, B, Hq, Sq], ws_mass [num_splits, B, Hq, Sq, C].
@@ -123,11 +127,15 @@ cudaError_t avar_decode_prepare(const DecodeParams& params, int* ctas_per_sm);
 // Floats of workspace the plan in params needs (0 when num_splits == 1).
 size_t avar_decode_workspace_floats(const DecodeParams& params);
 
-// Launches the split kernel and, when num_splits > 1, the combine kernel (avar_decode_prepare must have run on
-// this device for params' dtype and head dim). Returns the launch error.
+// Launches the split kernel, when num_splits > 1 the combine kernel, and with params.key_mass the key-mass kernel
+// (avar_decode_prepare must have run on this device for params' dtype and head dim). Returns the launch error.
 cudaError_t avar_decode_fwd(const DecodeParams& params, cudaStream_t stream);
 
 // The combine kernel alone (ws_* -> out, lse, mass); avar_decode_fwd calls it.
 cudaError_t avar_decode_combine(const DecodeParams& params, cudaStream_t stream);
+
+// The key-mass kernel alone (reads q, k_cache, the classes, tables and the final lse -> key_mass); avar_decode_fwd
+// calls it after the forward when params.key_mass is set.
+cudaError_t avar_decode_key_mass(const DecodeParams& params, cudaStream_t stream);
 
 }  // namespace avar
