@@ -4,13 +4,14 @@ sequence on that sequence's valid keys, gathered here independently of avar_kern
 import os
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
 from helpers import ATOL, fa_close, random_reweight
 
 import avar_kernels as ak
-from avar_kernels import kvcache, reference
+from avar_kernels import _ops, kvcache, reference
 from avar_kernels.kvcache import attention_with_kvcache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,11 +40,15 @@ def make_cache(lens, sq, hq, hk, d, c, gen, paged_block=0, sk_max=None, extra_bl
     return q, k, v, table, kc
 
 
-def oracle(q, k, v, lens, table, kc, qc, c, causal, scale, tables, dtype):
-    """Per sequence: reference.forward on its valid keys -> out [B,Sq,Hq,D], lse [B,Hq,Sq], mass [B,Hq,Sq,C]."""
+def oracle(q, k, v, lens, table, kc, qc, c, causal, scale, tables, dtype, key_mass=False):
+    """Per sequence: reference.forward on its valid keys -> out [B,Sq,Hq,D], lse [B,Hq,Sq], mass [B,Hq,Sq,C], and
+    with ``key_mass`` key_mass [B, Hq, Sk_max, C] (0 past each cache's length)."""
     b, sq, hq, d = q.shape
     mul, abs_, add = (None if t is None else t.to(q.device) for t in tables)
     outs, lses, masses = [], [], []
+    sk_max = k.shape[1] if table is None else table.shape[1] * k.shape[1]
+    kms = torch.zeros(b, hq, sk_max, max(c, 1), dtype=torch.float32 if dtype != torch.float64 else dtype,
+                      device=q.device)
     for n in range(b):
         ln = int(lens[n])
         if table is None:
@@ -55,13 +60,18 @@ def oracle(q, k, v, lens, table, kc, qc, c, causal, scale, tables, dtype):
             kb, vb = k.reshape(-1, k.shape[2], d)[idx], v.reshape(-1, k.shape[2], d)[idx]
         cu_q = torch.tensor([0, sq], dtype=torch.int32, device=q.device)
         cu_k = torch.tensor([0, ln], dtype=torch.int32, device=q.device)
-        out, lse, mass = reference.forward(
+        res = reference.forward(
             q[n].to(dtype), kb.to(dtype), vb.to(dtype), cu_q, cu_k, sq, ln,
             None if kc is None else kc[n, :ln].to(torch.int32), None if qc is None else qc[n].to(torch.int32),
-            c, mul, abs_, add, scale, -1, 0 if causal else -1)
+            c, mul, abs_, add, scale, -1, 0 if causal else -1, key_mass=key_mass)
+        out, lse, mass = res[:3]
+        if key_mass:
+            kms[n, :, :ln] = res[3].to(kms.dtype)
         outs.append(out)
         lses.append(lse)
         masses.append(mass)
+    if key_mass:
+        return torch.stack(outs), torch.stack(lses), torch.stack(masses), kms
     return torch.stack(outs), torch.stack(lses), torch.stack(masses)
 
 
@@ -75,7 +85,7 @@ def default_query_class(kc, lens, sq):
 
 
 def check_case(lens, sq, hq, hk, d, c, rw, causal, paged_block, dtype, backend, device="cpu", seed=0,
-               sk_max=None, explicit_qc=False):
+               sk_max=None, explicit_qc=False, key_mass=False):
     gen = torch.Generator().manual_seed(seed)
     q, k, v, table, kc = make_cache(lens, sq, hq, hk, d, c, gen, paged_block, sk_max)
     reweight = random_reweight(rw, hq, c, gen) if c else None
@@ -84,15 +94,16 @@ def check_case(lens, sq, hq, hk, d, c, rw, causal, paged_block, dtype, backend, 
     tables = reweight.tables(hq, c, "cpu") if reweight is not None else (None, None, None)
     seqlens = torch.tensor(lens, dtype=torch.int32)
 
-    ref64 = oracle(q.double(), k.double(), v.double(), lens, table, kc, qc, c, causal, scale, tables, torch.float64)
+    ref64 = oracle(q.double(), k.double(), v.double(), lens, table, kc, qc, c, causal, scale, tables, torch.float64,
+                   key_mass)
     lowp = oracle(q.to(device), k.to(device), v.to(device), lens, None if table is None else table.to(device),
                   None if kc is None else kc.to(device), None if qc is None else qc.to(device), c, causal, scale,
-                  tables, dtype)
+                  tables, dtype, key_mass)
     to = (lambda t: None if t is None else t.to(device))
     res = attention_with_kvcache(q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), to(seqlens),
                                  to(kc), block_table=to(table), query_class=to(qc) if explicit_qc else None,
                                  num_classes=c or None, causal=causal, reweight=reweight, return_lse=True,
-                                 backend=backend)
+                                 return_key_mass=key_mass, backend=backend)
     assert res.out.dtype == dtype and res.out.shape == (len(lens), sq, hq, d)
     assert res.lse.dtype == torch.float32 if dtype != torch.float64 else True
     fa_close("out", res.out.cpu(), ref64[0], lowp[0].cpu(), ATOL[dtype])
@@ -102,6 +113,17 @@ def check_case(lens, sq, hq, hk, d, c, rw, causal, paged_block, dtype, backend, 
         fa_close("mass", res.mass.cpu(), ref64[2], lowp[2].cpu(), ATOL[dtype])
     else:
         assert res.mass is None
+    if key_mass:
+        assert res.key_mass.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        fa_close("key_mass", res.key_mass.cpu(), ref64[3], lowp[3].cpu(), ATOL[dtype])
+        # the new rows' masses: each row's softmax sums to 1, so a class's key masses sum to its row count
+        qcs = qc if qc is not None else torch.zeros(len(lens), sq, dtype=torch.long)
+        rows = torch.nn.functional.one_hot(qcs.long(), c).sum(1).to(torch.float64)  # [B, C]
+        seen = torch.tensor([ln > 0 for ln in lens], dtype=torch.float64)[:, None, None]
+        torch.testing.assert_close(res.key_mass.cpu().double().sum(2), (rows[:, None, :] * seen).expand(-1, hq, -1),
+                                   atol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5, rtol=1e-3)
+    else:
+        assert res.key_mass is None
     return res
 
 
@@ -134,6 +156,21 @@ def test_fallback_matches_reference(case, backend):
 
 def test_fallback_explicit_query_class_and_longer_key_class():
     check_case([30, 50], 3, 4, 2, 32, 4, "mixed", True, 0, torch.float32, "cpu", explicit_qc=True, sk_max=64)
+
+
+# (lens, sq, hq, hk, d, classes, reweight, causal, paged block size)
+KEY_MASS_CPU_CASES = [
+    ([1, 63, 111], 1, 8, 2, 64, 6, "vaf", True, 0),         # GQA, odd lengths, a cache of exactly Sq
+    ([5, 4, 40], 4, 6, 2, 80, 4, "pai", True, 16),          # paged
+    ([100, 16, 33], 16, 4, 1, 64, 8, "mixed", True, 32),   # MQA, Sq = 16, paged
+    ([0, 37, 0], 3, 4, 2, 96, 3, "add", False, 16),         # empty sequences, not causal
+]
+
+
+@pytest.mark.parametrize("case", KEY_MASS_CPU_CASES, ids=_cid)
+def test_fallback_key_mass_matches_reference(case):
+    lens, sq, hq, hk, d, c, rw, causal, pb = case
+    check_case(lens, sq, hq, hk, d, c, rw, causal, pb, torch.float32, "auto", seed=sum(lens) + 7, key_mass=True)
 
 
 def test_empty_rows_have_no_nan():
@@ -252,6 +289,158 @@ def test_backend_cuda_without_kernel_is_a_clear_error():
     q, k, v, sl, kc = _base()
     with pytest.raises(ValueError, match="backend='cuda'"):
         attention_with_kvcache(q, k, v, sl, kc, backend="cuda")
+
+
+# ------------------------------------------- the CUDA path's threading, on the CPU with an emulated binding
+
+def emulated_binding(calls):
+    """A float64 model of ``avar_kernels._cuda.decode_fwd`` (the binding's signature and outputs: out, lse, mass,
+    key_mass or an empty [0]), recording each call. Installed as avar_kernels._cuda, it lets the real custom op and
+    kvcache.py's CUDA path run on the CPU; the kernels themselves are checked by the gpu-marked tests."""
+    def decode_fwd(q, k_cache, v_cache, cache_seqlens, key_class, block_table, query_class, num_classes, mul, abs_,
+                   add, scale, causal, num_splits, key_mass=False):
+        calls.append({"key_mass": key_mass, "num_classes": num_classes, "paged": block_table is not None})
+        b, sq, hq, d = q.shape
+        hk, c = k_cache.shape[2], num_classes
+        sk_max = _ops.decode_sk_max(k_cache, block_table)
+        pos = torch.arange(sk_max)
+        if block_table is None:
+            k, v = k_cache, v_cache
+        else:  # unused table entries may hold anything: clamp them, their keys are masked
+            bs = k_cache.shape[1]
+            pages = block_table.long().clamp(0, k_cache.shape[0] - 1)[:, pos // bs]
+            k, v = k_cache[pages, pos % bs], v_cache[pages, pos % bs]
+        k = k.double().repeat_interleave(hq // hk, dim=2)
+        v = v.double().repeat_interleave(hq // hk, dim=2)
+        z = torch.einsum("bihd,bjhd->bhij", q.double(), k) * scale  # [B, Hq, Sq, Sk_max]
+        if c:
+            kc = torch.zeros(b, sk_max, dtype=torch.long)
+            n = min(key_class.shape[1], sk_max)
+            kc[:, :n] = key_class[:, :n].long()
+            qc = query_class.long()
+            h = torch.arange(hq)
+
+            def tab(t):
+                return 0 if t is None else t.double()[h[None, :, None, None], qc[:, None, :, None],
+                                                      kc[:, None, None, :]]
+
+            z = z * (1 + tab(mul)) + tab(abs_) * z.abs() + tab(add)
+        lens = cache_seqlens.long()
+        vis = pos[None, None, :] < lens[:, None, None]
+        if causal:
+            vis = vis & (pos[None, None, :] <= torch.arange(sq)[None, :, None] + (lens - sq)[:, None, None])
+        z = z.masked_fill(~vis[:, None], float("-inf"))
+        lse = torch.logsumexp(z, -1)
+        p = torch.exp(z - lse[..., None]).nan_to_num(0.0)  # rows that see no key: P = 0
+        out = torch.einsum("bhij,bjhd->bihd", p, v).to(q.dtype)
+        if c:
+            mass = torch.einsum("bhij,bjc->bhic", p, torch.nn.functional.one_hot(kc, c).double())
+        else:
+            mass = torch.zeros(b, hq, sq, 0, dtype=torch.float64)
+        km = (torch.einsum("bhij,bic->bhjc", p, torch.nn.functional.one_hot(qc, c).double()).float()
+              if key_mass else q.new_empty(0, dtype=torch.float32))
+        return out, lse.float(), mass.float(), km
+
+    return decode_fwd
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """kvcache.py sees an fp16 CUDA call with the extension built (every other reason not to use the kernel still
+    applies), and avar_kernels._cuda is the emulated binding. Returns the list of recorded binding calls."""
+    import sys
+
+    import avar_kernels
+
+    calls = []
+    fake = SimpleNamespace(decode_fwd=emulated_binding(calls))
+    monkeypatch.setitem(sys.modules, "avar_kernels._cuda", fake)
+    monkeypatch.setattr(avar_kernels, "_cuda", fake, raising=False)
+    monkeypatch.setattr(kvcache, "cuda_available", lambda: True)
+    real = kvcache._cuda_why_not
+    as_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: real(as_cuda, d, sq, needs_grad))
+    return calls
+
+
+@pytest.mark.parametrize("paged", [0, 16])
+@pytest.mark.parametrize("sq", [1, 16])
+def test_cuda_path_threads_key_mass(emulated_cuda, paged, sq):
+    gen = torch.Generator().manual_seed(11 + sq + paged)
+    lens = [40, sq, 0, 57]
+    q, k, v, table, kc = make_cache(lens, sq, 8, 2, 64, 5, gen, paged_block=paged, sk_max=64)
+    rw = random_reweight("mixed", 8, 5, gen)
+    sl = torch.tensor(lens, dtype=torch.int32)
+    kw = dict(block_table=table, num_classes=5, reweight=rw, return_lse=True)
+    ref = attention_with_kvcache(q, k, v, sl, kc, return_key_mass=True, backend="reference", **kw)
+    assert emulated_cuda == []  # an explicit fallback backend never takes the CUDA path
+    for backend in ("auto", "cuda"):
+        got = attention_with_kvcache(q, k, v, sl, kc, return_key_mass=True, backend=backend, **kw)
+        assert emulated_cuda[-1] == {"key_mass": True, "num_classes": 5, "paged": bool(paged)}
+        assert got.key_mass.shape == (4, 8, 64, 5) and got.key_mass.dtype == torch.float32
+        for name in ("out", "mass", "lse", "key_mass"):
+            torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-5, rtol=1e-5, msg=name)
+    got = attention_with_kvcache(q, k, v, sl, kc, **kw)
+    assert emulated_cuda[-1]["key_mass"] is False and got.key_mass is None
+    torch.testing.assert_close(got.mass, ref.mass, atol=1e-5, rtol=1e-5)
+
+
+def test_cuda_path_not_taken_when_gradients_are_needed(emulated_cuda):
+    """The CUDA decode path is forward only: with an input that requires grad, key masses come from the packed
+    fallback (differentiable), and backend='cuda' is an error, as for the other outputs."""
+    gen = torch.Generator().manual_seed(12)
+    q, k, v, _, kc = make_cache([30, 17], 2, 4, 2, 64, 3, gen)
+    sl = torch.tensor([30, 17], dtype=torch.int32)
+    q.requires_grad_(True)
+    res = attention_with_kvcache(q, k, v, sl, kc, return_key_mass=True)
+    assert emulated_cuda == []
+    res.key_mass[..., 1].sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+    with pytest.raises(ValueError, match="no backward"):
+        attention_with_kvcache(q, k, v, sl, kc, return_key_mass=True, backend="cuda")
+    with torch.no_grad():
+        attention_with_kvcache(q, k, v, sl, kc, return_key_mass=True)
+    assert emulated_cuda[-1]["key_mass"] is True
+
+
+def _op_args(paged, key_mass, fake_mode=None):
+    gen = torch.Generator().manual_seed(13)
+    q, k, v, table, kc = make_cache([20, 33], 3, 8, 2, 64, 4, gen, paged_block=paged, sk_max=48)
+    qc = default_query_class(kc, [20, 33], 3).to(torch.int32)
+    args = (q.half(), k.half(), v.half(), torch.tensor([20, 33], dtype=torch.int32), kc.to(torch.int32), table, qc,
+            4, None, None, None, 0.125, True, 0, key_mass)
+    if fake_mode is not None:
+        args = tuple(fake_mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args)
+    return args
+
+
+@pytest.mark.parametrize("paged", [0, 16])
+@pytest.mark.parametrize("key_mass", [False, True])
+def test_decode_fwd_fake_shapes(paged, key_mass):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    args = _op_args(paged, key_mass, mode)
+    with mode:
+        out, lse, mass, km = _ops.decode_fwd(*args)
+    assert out.shape == (2, 3, 8, 64) and out.dtype == torch.float16
+    assert lse.shape == (2, 8, 3) and mass.shape == (2, 8, 3, 4) and lse.dtype == mass.dtype == torch.float32
+    sk_max = 48  # paged: 3 blocks of 16
+    assert km.dtype == torch.float32 and km.shape == ((2, 8, sk_max, 4) if key_mass else (0,))
+
+
+@pytest.mark.parametrize("paged", [0, 16])
+def test_decode_fwd_under_torch_compile(emulated_cuda, paged):
+    """fullgraph tracing through the custom op (its fake gives the key-mass output's shape), then the real op."""
+    torch._dynamo.reset()
+    args = _op_args(paged, True)
+    fn = torch.compile(lambda *a: _ops.decode_fwd(*a), fullgraph=True, backend="aot_eager")
+    got = fn(*args)
+    want = _ops.decode_fwd(*args)
+    assert got[3].shape == (2, 8, 48, 4)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    assert len(emulated_cuda) == 2 and all(c["key_mass"] for c in emulated_cuda)
 
 
 # ------------------------------------------------------------------------------------------ CUDA kernel
