@@ -472,6 +472,54 @@ def test_cuda_kernel_matches_reference(case, dtype, splits, monkeypatch):
     check_case(lens, sq, hq, hk, d, c, rw, causal, pb, dtype, "cuda", device="cuda", seed=sum(lens) + d)
 
 
+# (lens, sq, hq, hk, d, classes, reweight, causal, paged block size)
+GPU_KEY_MASS_CASES = [
+    ([1000, 17, 1], 1, 28, 4, 128, 6, "vaf", True, 0),          # Qwen-like GQA 7, Sq = 1, a cache of exactly Sq
+    ([333, 63, 111, 2048], 16, 8, 2, 64, 3, "pai", True, 16),   # paged, Sq = 16
+    ([0, 500, 0, 77], 2, 4, 2, 80, 4, "mixed", True, 32),       # empty sequences (key blocks of zeros), paged
+    ([4097, 16], 16, 28, 4, 128, 8, "mixed", True, 64),         # 7 heads x 16 rows: two head chunks per CTA
+    ([300, 999], 3, 6, 3, 96, 5, "add", False, 0),              # not causal
+    ([257, 100], 5, 8, 1, 256, 2, "mixed", True, 16),           # MQA (8 heads x 5 rows: two chunks), D=256
+    ([5000, 1], 1, 32, 32, 128, 6, "none", True, 256),          # MHA, no re-weighting, paged
+]
+
+
+@gpu
+@pytest.mark.parametrize("splits", [0, 1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_KEY_MASS_CASES, ids=_cid)
+def test_cuda_key_mass_matches_reference(case, dtype, splits, monkeypatch):
+    """The key-mass kernel reads the final lse of the split (splits=1) or combine kernel (splits > 1)."""
+    if not kvcache.cuda_available():
+        pytest.skip("avar_kernels._cuda is not built")
+    monkeypatch.setattr(kvcache, "_FORCE_SPLITS", splits)
+    lens, sq, hq, hk, d, c, rw, causal, pb = case
+    check_case(lens, sq, hq, hk, d, c, rw, causal, pb, dtype, "cuda", device="cuda", seed=sum(lens) + d + 1,
+               key_mass=True)
+
+
+@gpu
+@pytest.mark.parametrize("paged", [0, 16])
+def test_cuda_key_mass_explicit_query_classes_and_zeros_past_the_cache(paged):
+    """Several query classes among the new rows, a cache buffer longer than every cache (key blocks of zeros)."""
+    if not kvcache.cuda_available():
+        pytest.skip("avar_kernels._cuda is not built")
+    res = check_case([70, 200, 33], 16, 8, 2, 128, 5, "mixed", True, paged, torch.bfloat16, "cuda", device="cuda",
+                     seed=14, sk_max=320, explicit_qc=True, key_mass=True)
+    assert res.key_mass.shape == (3, 8, 320, 5)
+    assert (res.key_mass[0, :, 70:] == 0).all() and (res.key_mass[2, :, 33:] == 0).all()
+    # the plain outputs do not change when key masses are asked
+    gen = torch.Generator().manual_seed(14)
+    q, k, v, table, kc = make_cache([70, 200, 33], 16, 8, 2, 128, 5, gen, paged_block=paged, sk_max=320)
+    args = (q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(),
+            torch.tensor([70, 200, 33], dtype=torch.int32, device="cuda"), kc.cuda())
+    kw = dict(block_table=None if table is None else table.cuda(), return_lse=True, backend="cuda")
+    a = attention_with_kvcache(*args, return_key_mass=True, **kw)
+    b = attention_with_kvcache(*args, **kw)
+    for name in ("out", "mass", "lse"):
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=0, rtol=0)
+
+
 @gpu
 def test_cuda_kernel_all_empty_and_auto_dispatch():
     if not kvcache.cuda_available():
