@@ -8,6 +8,8 @@ events, --number back-to-back calls per sample, medians):
   kernel         the binding avar_kernels._cuda.decode_fwd (what a generation loop pays once its classes are
                  prepared): masses, C=6
   kernel_nomass  the same without classes
+  kernel_keymass the same with key masses (key_mass=True: the forward, then the key-mass kernel over the cache);
+                 `keymass x` = time(kernel_keymass) / time(kernel), the price of the key masses
   api            ak.attention_with_kvcache (the public function with its argument checks)
   sdpa           torch SDPA with enable_gqa on the same keys and values in its [B, Hk, Sk, D] layout, no masses
   triton         ak.attention_varlen(..., backend="triton") on the packed cache, with masses (--triton)
@@ -50,6 +52,8 @@ def cases(args, sk, dev):
         "kernel": lambda: _cuda.decode_fwd(q, k, v, seqlens, kc, None, qc, c, None, None, None, scale, True, 0),
         "kernel_nomass": lambda: _cuda.decode_fwd(q, k, v, seqlens, None, None, None, 0, None, None, None, scale,
                                                   True, 0),
+        "kernel_keymass": lambda: _cuda.decode_fwd(q, k, v, seqlens, kc, None, qc, c, None, None, None, scale, True, 0,
+                                                   True),
         "api": lambda: ak.attention_with_kvcache(q, k, v, seqlens, kc, num_classes=c, backend="cuda"),
     }
     qs, ks, vs = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous(), v.transpose(1, 2).contiguous()
@@ -89,11 +93,14 @@ def main(argv=None):
              f"full caches. Measured copy bandwidth of this GPU: {copy_bw / 1e9:.0f} GB/s (bytes read + written). "
              f"Medians of {args.reps} samples of {args.number} back-to-back calls (CUDA events), all methods of an Sk "
              "interleaved. `GB/s` = K and V bytes / kernel time; `% copy` = that over the copy bandwidth; `x sdpa` = "
-             "time(sdpa) / time(kernel) (> 1: the kernel is faster; SDPA computes no masses)."]
-    columns = ["Sk", "KV MB", "splits", "kernel us", "GB/s", "% copy", "kernel_nomass us", "api us", "sdpa us",
-               "x sdpa", "triton us", "errors"]
+             "time(sdpa) / time(kernel) (> 1: the kernel is faster; SDPA computes no masses); `keymass x` = "
+             "time(kernel_keymass) / time(kernel): decode with key masses [B, Hq, Sk, C] (a second kernel that reads K "
+             "again and writes B*Hq*Sk*C floats) over decode without them."]
+    columns = ["Sk", "KV MB", "splits", "kernel us", "GB/s", "% copy", "kernel_nomass us", "kernel_keymass us",
+               "keymass x", "api us", "sdpa us", "x sdpa", "triton us", "errors"]
     report = bm.Report("Decode: CUDA split-KV kernel against SDPA on the same cache", columns, device=dev,
-                       notes=notes, path=args.out, digits={"GB/s": 0, "% copy": 1, "x sdpa": 2, "KV MB": 0})
+                       notes=notes, path=args.out,
+                       digits={"GB/s": 0, "% copy": 1, "x sdpa": 2, "keymass x": 2, "KV MB": 0})
     for sk in args.sk:
         run, kv_bytes, (splits, keys, resident) = cases(args, sk, dev)
         res = bm.compare(run, baseline="kernel", device=dev, reps=args.reps, warmup=3, number=args.number)
@@ -105,6 +112,7 @@ def main(argv=None):
             row["GB/s"] = kv_bytes / kernel / 1e9
             row["% copy"] = 100 * kv_bytes / kernel / copy_bw
             row["x sdpa"] = res["sdpa"].ratio
+            row["keymass x"] = res["kernel_keymass"].ratio
         row["errors"] = "; ".join(f"{n}: {t.error}" for n, t in res.items() if t.error) or None
         row["copy GB/s"] = copy_bw / 1e9
         report.add(row)
