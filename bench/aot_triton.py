@@ -148,7 +148,7 @@ def collect(archs, dims, kernels, variants, jobs, rows=None, first=None):
                 shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
                          any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
                 has_km = name in ("dq", "dkdv") and kwargs.get("DKM") is not None
-                for cfg in rows or triton_configs.candidate_rows(name, *shape)[:first]:
+                for cfg in rows or triton_configs.candidate_rows(name, *shape, has_km)[:first]:
                     for arch in archs:
                         keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg,
                                          block_d=shape[0], elem=kwargs["Q"].element_size(), has_classes=shape[2],

@@ -34,7 +34,8 @@ def dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
-def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool) -> list[tuple]:
+def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool,
+                   has_km: bool = False) -> list[tuple]:
     """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'; 'km': the key
     masses' pass over key blocks, 'kmd': the backward's key-mass share of delta), best first.
 
@@ -77,7 +78,8 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
         if dim <= 64:
             return [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
         if dim <= 128:
-            if has_rw:  # the table terms need the registers of a 32-row step
+            if has_rw or has_km:  # the table / dKM terms need the registers of a 32-row step (sm_90a: 32 x 128
+                # spills 40 B with dKM, 16 x 128 none)
                 return [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3)]
             return [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3)]
         return [(16, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
@@ -107,13 +109,16 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     # by 32 B per head-dim column, fitted on the compiled kernels)
     split = 32 * block_d if warps == 8 and bm <= 64 else 0
     onehot = 2 if elem < 4 else 4  # bytes per element of a one-hot product's operands
-    # dKM rows (fp32, pipelined in dq, held in dkdv), their bf16 halves and onehot(query class)
+    # dKM rows (fp32, pipelined in dq, held in dkdv), their bf16 halves and onehot(query class); dkdv also spreads
+    # them to a [BLOCK_N, BLOCK_M] tile (bm * bn * 2: fitted on the compiled D=256 kernels)
     km = 0
     if has_km:
         km = (2 * bn + bm) * CLASS_TILE.value * onehot + (bufs if kernel == "dq" else 1) * bn * CLASS_TILE.value * 4
+        km += bm * bn * 2 if kernel == "dkdv" else 0
     if kernel == "km":  # K held; q, lse pipelined; P^T (halves, in registers) @ onehot(query class)
         relayout = 0 if arch >= 90 else bm * bn * 4 + bn * CLASS_TILE.value * 4
-        total = bn * block_d * elem + bufs * (bm * block_d * elem + 4 * bm) + 8 * bn + relayout
+        split = 32 * block_d if warps == 8 and bn <= 64 else 0  # as above, the key block split over warp groups
+        total = bn * block_d * elem + bufs * (bm * block_d * elem + 4 * bm) + 8 * bn + relayout + split
         return total + (bn + bm) * CLASS_TILE.value * onehot
     if kernel == "kmd":  # q held; K, dKM pipelined; onehot(query class) @ dKM halves^T
         total = bm * block_d * elem + bufs * (bn * block_d * elem + bn * CLASS_TILE.value * 4) + 8 * bm + split
@@ -144,7 +149,7 @@ def kept_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: b
               limit: int, has_km: bool = False) -> list[tuple]:
     """The candidates whose estimate fits `limit` bytes on `arch` (best first); if none does, the smallest (the
     estimate is an upper bound)."""
-    rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw)
+    rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw, has_km)
     need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, has_rw, arch, has_km) for r in rows}
     return [r for r in rows if need[r] <= limit] or [min(rows, key=need.get)]
 
@@ -156,6 +161,6 @@ def launch_configs(kernel: str, block_d: int, prec: str, has_classes: bool, has_
         arch, limit = device_arch_and_limit(device.index if device.index is not None else torch.cuda.current_device())
         rows = kept_rows(kernel, block_d, prec, has_classes, has_rw, elem, arch, limit, has_km)
     else:  # nothing launches (the AOT report records the arguments): every candidate
-        rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw)
+        rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw, has_km)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in rows[:tune_count()]]
