@@ -391,6 +391,44 @@ def test_record_key_mass_accumulates_over_generate():
         torch.testing.assert_close(km, eager_key_mass(out.attentions[l], rec.classes), atol=1e-5, rtol=1e-4)
 
 
+def test_record_key_mass_on_the_decode_kernel_path(monkeypatch):
+    """Generation steps take the CUDA decode kernel's path with key masses (here its binding emulated in float64 on
+    the CPU, tests/test_kvcache.py); the accumulated key masses still equal eager weights summed by query class."""
+    from types import SimpleNamespace
+
+    from test_kvcache import emulated_binding
+
+    from avar_kernels import kvcache
+    from avar_kernels.hf import attention as hf_attention
+
+    calls = []
+    fake = SimpleNamespace(decode_fwd=emulated_binding(calls))
+    monkeypatch.setitem(__import__("sys").modules, "avar_kernels._cuda", fake)
+    monkeypatch.setattr(avar_kernels, "_cuda", fake, raising=False)
+    monkeypatch.setattr(kvcache, "cuda_available", lambda: True)
+    real = kvcache._cuda_why_not
+    as_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
+    # the tiny model's head dim (32) is not one the kernel is built for; the emulated binding takes any
+    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: real(as_cuda, 64, sq, needs_grad))
+    monkeypatch.setattr(hf_attention, "_use_decode_kernel",
+                        lambda q, sq, sk, causal, window: causal and window is None and sq < sk
+                        and not torch.is_grad_enabled())
+    ms, mk = models("qwen2_5_vl", ("avar", "eager"))
+    kw = mk(rows_for(mk)[:1])
+    cls = classes_of(kw)
+    n = 3
+    with torch.no_grad(), ah.record(ms["avar"], cls, key_mass=True) as rec:
+        seq = ms["avar"].generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    assert calls and all(c["key_mass"] for c in calls)          # every decode step went through the binding
+    s0 = kw["input_ids"].shape[1]
+    full = dict(kw, input_ids=seq[:, :-1], attention_mask=torch.ones(1, s0 + n - 1, dtype=torch.long),
+                mm_token_type_ids=torch.nn.functional.pad(kw["mm_token_type_ids"], (0, n - 1)))
+    with torch.no_grad():
+        out = ms["eager"](**full, output_attentions=True)
+    for l, km in enumerate(rec.key_mass):
+        torch.testing.assert_close(km, eager_key_mass(out.attentions[l], rec.classes), atol=1e-5, rtol=1e-4)
+
+
 def test_key_mass_gradient_matches_eager():
     ms, mk = models("qwen2_vl", ("avar", "eager"))
     kw = mk(rows_for(mk)[:1])
