@@ -90,13 +90,28 @@ def _poison(a, kind):
         a["k"][10, 0, 3] = float("inf")
     elif kind == "ninf_q":
         a["q"][30, 1, 3] = -float("inf")
+        a["q"][45, 0, 5] = -float("inf")
+
+
+def _seen_by_nan_rows(a, lse, wl, wr):
+    """[Tk, Hk] bool: keys that some row with a NaN lse (of a query head of the kv group) sees."""
+    hq, hk = lse.shape[0], a["k"].shape[1]
+    seen = torch.zeros(a["k"].shape[0], hk, dtype=torch.bool)
+    cq, ck = a["cu_q"].tolist(), a["cu_k"].tolist()
+    for n in range(len(cq) - 1):
+        keep = reference.key_mask(cq[n + 1] - cq[n], ck[n + 1] - ck[n], wl, wr, "cpu")  # [sq, sk]
+        for h in range(hq):
+            rows = torch.isnan(lse[h, cq[n]:cq[n + 1]])
+            seen[ck[n]:ck[n + 1], h // (hq // hk)] |= keep[rows].any(0)
+    return seen
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("kind", ["nan_q", "nan_k", "inf_k", "ninf_q"])
 def test_nonfinite_inputs_propagate_like_the_reference(kind, dtype):
     """A diverging run shows NaN, not zeros: out / mass / lse are NaN exactly where the float64 reference's are,
-    and the gradients are NaN (never 0) where the reference's are, and nowhere else."""
+    and the gradients are NaN (never 0) where the reference's are, and nowhere else. ninf_q: a -inf in q gives its
+    row +inf and -inf scores; the row is NaN on every key it sees, the -inf-score keys included."""
     a = case([(40, 40), (20, 30)], 2, 2, 16, 3, tables=("mul",))
     _poison(a, kind)
     ref, ref_grads, cot = reference_run(a)
@@ -107,11 +122,27 @@ def test_nonfinite_inputs_propagate_like_the_reference(kind, dtype):
     assert torch.isnan(got[0]).any()
     for name, x, r in zip(("dq", "dk", "dv"), grads, ref_grads):
         nan, ref_nan = torch.isnan(x), torch.isnan(r)
-        assert not (nan & ~ref_nan).any(), f"{name}: NaN where the reference is finite"
+        if name == "dv":  # the reference's dv is also NaN on keys no NaN row sees (0 * NaN through masked P)
+            ref_nan = ref_nan & _seen_by_nan_rows(a, ref[1], -1, 0)[..., None]
+        assert not (nan & ~torch.isnan(r)).any(), f"{name}: NaN where the reference is finite"
         assert not ((x == 0) & ref_nan).any(), f"{name}: zeros where the reference is NaN"
-        if name != "dv":  # the reference's dv is NaN on keys no NaN row sees (0 * NaN through masked P)
-            assert torch.equal(nan, ref_nan), f"{name}: NaN pattern differs from the reference"
+        assert torch.equal(nan, ref_nan), f"{name}: NaN pattern differs from the reference"
         assert nan.any(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inf_in_v_makes_the_rows_gradients_nan(dtype):
+    """inf in v makes out inf on the rows that see it and their row constant delta = <dO, O> infinite: dZ' of
+    such a row is undefined (inf - inf at that key), and the reference's autograd makes it NaN on the whole row
+    (through its row max). dq and dk are NaN exactly where the reference's are, never +-inf or finite there."""
+    a = case([(40, 40), (20, 30)], 2, 2, 16, 3, tables=("mul",))
+    a["v"][10, 0, 3] = float("inf")
+    ref, ref_grads, cot = reference_run(a)
+    got, grads = cpu_run(a, cot, dtype=dtype)
+    for name, x, r in zip(("dq", "dk"), grads[:2], ref_grads[:2]):
+        assert torch.isnan(r).any(), name
+        assert torch.equal(torch.isnan(x), torch.isnan(r)), f"{name}: NaN pattern differs from the reference"
+    assert torch.equal(torch.isnan(grads[2]), torch.isnan(ref_grads[2]))  # dv = P^T dO stays finite
 
 
 # ------------------------------------------------------------------------------------------- empty inputs
@@ -151,6 +182,28 @@ def large_logit_check():
         for name, x, r, rl in zip(("out", "lse", "mass", "dq", "dk", "dv"), (*got, *grads), (*ref64, *g64),
                                   (*ref32, *g32)):
             fa_close(name, x, r, rl, ATOL[torch.float32] * (1 if name in ("out", "lse", "mass") else 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("huge", [1e4, 1e8, 1e30])
+def test_huge_additive_scores_keep_rows_normalised(huge, dtype):
+    """ADD = huge on some (query class, key class) pairs: lse ~ huge is exact only to ulp(lse), so exp(z' - lse)
+    is off by up to ulp(lse) / 2 for the whole row (at 1e30, P = 1 on each top key instead of 1 / count). The
+    backward and the key masses renormalise those rows (kBigLse); outputs, key masses and gradients keep to the
+    FlashAttention rule of the float64 reference."""
+    a = case([(70, 70), (33, 90)], 4, 2, 32, 3, tables=("add",), seed=3)
+    a["add"][:, :, 1] = huge
+    ref64, g64, cot = reference_run(a)
+    ref_lp, g_lp, _ = reference_run(a, dtype=dtype)
+    got, grads = cpu_run(a, cot, dtype=dtype)
+    for name, x, r, rl in zip(("out", "lse", "mass", "dq", "dk", "dv"), (*got, *grads), (*ref64, *g64),
+                              (*ref_lp, *g_lp)):
+        fa_close(name, x, r, rl, ATOL[dtype] * (1 if name in ("out", "lse", "mass") else 4))
+    q, k, v = (a[n].to(dtype) for n in ("q", "k", "v"))
+    km = cpu.forward(q, k, v, *_static(a, -1, 0), key_mass=True)[3]
+    km64 = reference.forward(a["q"], a["k"], a["v"], *_static(a, -1, 0), key_mass=True)[3]
+    km_lp = reference.forward(q, k, v, *_static(a, -1, 0), key_mass=True)[3]
+    fa_close("key_mass", km, km64, km_lp, ATOL[dtype])
 
 
 @pytest.mark.parametrize("tiles", TILES, ids=lambda t: "default" if t is None else f"{t[0]}x{t[1]}")

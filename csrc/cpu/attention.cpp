@@ -412,36 +412,52 @@ void forward_kernel(const Problem& P, const T* q, const T* k, const T* v, T* out
 // ----------------------------------------------------------------------------------------------
 // One tile of probabilities, for the passes that know the rows' final lse (backward, key masses, their delta term).
 // ----------------------------------------------------------------------------------------------
+// Rows with |lse| >= kBigLse get their normaliser recomputed (row_norm_kernel): lse itself is rounded to the
+// dtype, so exp(z' - lse) is off by up to ulp(lse) / 2 relative, the same for the whole row (at lse ~ 1e30 the
+// log of the row sum is lost entirely and P = 1 on every top key). Below it that error is under 2^-18 (fp32).
+constexpr double kBigLse = 64.0;
+
 template <typename T>
 struct ProbScratch {
-  std::vector<T> lsub, nan_p;
-  std::vector<int64_t> nan_rows;
+  std::vector<T> lsub, rscale;
+  std::vector<int64_t> nan_rows, nan_c0, nan_c1;  // rows with lse NaN / +inf and the tile columns they see
+  bool scaled = false;                             // some row of the tile has rscale != 1
   TileTables<T> tt;
 };
 
-// St[c0:c1, :nqp] = exp(z' - lsub), then the NaN rows' P (see prob_tile).
+// St[c0:c1, :nqp] = exp(z' - lsub), the NaN rows' P, the rows' normaliser corrections (see prob_tile).
 template <typename T>
 inline void finish_probs(T* St, int64_t ldt, TileCols tc, int64_t nqp, const ProbScratch<T>& ps) {
-  const int64_t w = tc.c1 - tc.c0;
+  using V = Vectorized<T>;
   tile_exp<T>(St, ldt, tc.c0, tc.c1, nqp, ps.lsub.data(), nullptr, nullptr);
   for (size_t u = 0; u < ps.nan_rows.size(); ++u)
-    for (int64_t c = tc.c0; c < tc.c1; ++c) St[c * ldt + ps.nan_rows[u]] = ps.nan_p[u * w + c - tc.c0];
+    for (int64_t c = tc.c0; c < tc.c1; ++c)
+      St[c * ldt + ps.nan_rows[u]] = c >= ps.nan_c0[u] && c < ps.nan_c1[u] ? kNaN<T> : T(0);
+  if (ps.scaled)
+    for (int64_t c = tc.c0; c < tc.c1; ++c)
+      for (int64_t r = 0; r < nqp; r += V::size())
+        (V::loadu(St + c * ldt + r) * V::loadu(ps.rscale.data() + r)).store(St + c * ldt + r);
 }
 
 // St[c0:c1, :nqp] (key-major) = P = exp(z' - lse) of tile (i0, j0) of the grid: the forward's score product bit
 // for bit, then the re-weighting (with G = dz'/dz and Z = the raw scores when those are non-null), the mask, exp.
-// P is 0 where masked, on the padding queries and on rows without keys (lse = -inf); rows whose lse is NaN or
-// +inf take exp(z' - lse) as the reference forms it (NaN on their visible keys). lse_t: lse of the tile's first
-// query; qcls: query classes of the tile's queries. Returns false, computing nothing, when no row has a key.
-// With exp = false it stops before the exponential: St holds the masked z', ps.lsub what to subtract (and ps.nan_p
-// the P of the rows in ps.nan_rows), for a caller that fuses exp with what it does next.
+// P is 0 where masked, on the padding queries and on rows without keys (lse = -inf). A row whose lse is NaN or
+// +inf (a NaN or +inf score) has P = NaN on every key it sees, -inf scores included, as the reference's
+// exp(z - max) / sum gives. norm_t (or null): per-row factors from row_norm_kernel for rows with |lse| >= kBigLse.
+// lse_t, norm_t: of the tile's first query; qcls: query classes of the tile's queries. Returns false, computing
+// nothing, when no row has a key. With exp = false it stops before the exponential: St holds the masked z', ps.lsub
+// what to subtract, for a caller that fuses exp with what it does next when ps.nan_rows is empty and !ps.scaled.
 template <typename T>
 bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ldq, int64_t ldk, const T* lse_t,
-               const int32_t* qcls, const int32_t* kcls, T* St, T* G, T* Z, int64_t ldt, int64_t j0, TileCols tc,
-               int64_t off, int64_t i0, int64_t nq, int64_t nqp, ProbScratch<T>& ps, bool exp = true) {
+               const T* norm_t, const int32_t* qcls, const int32_t* kcls, T* St, T* G, T* Z, int64_t ldt, int64_t j0,
+               TileCols tc, int64_t off, int64_t i0, int64_t nq, int64_t nqp, ProbScratch<T>& ps, bool exp = true) {
   const int64_t w = tc.c1 - tc.c0, D = P.d;
   ps.lsub.resize(nqp);
+  ps.rscale.assign(nqp, T(1));
+  ps.scaled = false;
   ps.nan_rows.clear();
+  ps.nan_c0.clear();
+  ps.nan_c1.clear();
   bool any = false;
   for (int64_t r = 0; r < nqp; ++r) {
     const T L = r < nq ? lse_t[r] : -kInf<T>;
@@ -451,6 +467,14 @@ bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ld
     else {
       ps.lsub[r] = T(0);
       ps.nan_rows.push_back(r);
+      // the tile columns query i0 + r sees (mask_tile's rule)
+      const int64_t i = i0 + r;
+      ps.nan_c0.push_back(P.wl < 0 ? 0 : i + off - P.wl - j0);
+      ps.nan_c1.push_back(P.wr < 0 ? w + tc.c0 : i + off + P.wr - j0 + 1);
+    }
+    if (norm_t && r < nq && norm_t[r] != T(1)) {
+      ps.rscale[r] = norm_t[r];
+      ps.scaled = true;
     }
   }
   if (!any) return false;
@@ -464,16 +488,6 @@ bool prob_tile(const Problem& P, int64_t h, const T* qp, const T* kp, int64_t ld
     reweight_tile<T>(P, ps.tt, kcls, St, G, ldt, tc.c0, tc.c1, nqp);
   }
   mask_tile<T>(P, St, ldt, j0, tc.c0, tc.c1, off, i0, nq, nqp, -kInf<T>);
-  const std::vector<int64_t>& nr = ps.nan_rows;
-  ps.nan_p.resize(nr.size() * w);
-  for (size_t u = 0; u < nr.size(); ++u) {
-    const int64_t r = nr[u];
-    const T L = lse_t[r];
-    for (int64_t c = tc.c0; c < tc.c1; ++c) {
-      const T z = St[c * ldt + r];
-      ps.nan_p[u * w + c - tc.c0] = z == -kInf<T> ? T(0) : std::exp(z - L);
-    }
-  }
   if (exp) finish_probs<T>(St, ldt, tc, nqp, ps);
   return true;
 }
@@ -555,7 +569,8 @@ inline void spread_by_query_class(const T* d, const QueryClasses<T>& qc, int64_t
 // query tiles that see the block and adds each tile row's per-query-class sums: no atomics, no S x S buffer,
 // one more Q K^T than the forward.
 template <typename T>
-void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* km, int64_t Tq, int64_t Tk) {
+void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, const T* norm, T* km, int64_t Tq,
+                     int64_t Tk) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
@@ -592,11 +607,11 @@ void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* 
         if (tc.c1 <= tc.c0) continue;
         const int32_t* qcls = P.query_class + q0 + i0;
         if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
-                          lse + h * Tq + q0 + i0, qcls, kcls, St.data(), nullptr, nullptr, ldt, j0, tc, off, i0, nq,
-                          nqp, ps, /*exp=*/false))
+                          lse + h * Tq + q0 + i0, norm ? norm + h * Tq + q0 + i0 : nullptr, qcls, kcls, St.data(),
+                          nullptr, nullptr, ldt, j0, tc, off, i0, nq, nqp, ps, /*exp=*/false))
           continue;
         qcl.fill(qcls, nq, C, ldt);
-        if (ps.nan_rows.empty()) {  // the usual case: exp fused with the sums
+        if (ps.nan_rows.empty() && !ps.scaled) {  // the usual case: exp fused with the sums
           tile_key_class_sums<T>(St.data(), ldt, tc.c0, tc.c1, nqp, qcl, C, kmb, ps.lsub.data());
         } else {
           finish_probs<T>(St.data(), ldt, tc, nqp, ps);
@@ -607,11 +622,76 @@ void key_mass_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* 
   });
 }
 
+// The normaliser correction of rows with a finite |lse| >= kBigLse: norm[h, i] = 1 / sum_j exp(z'_ij - lse_i) over
+// the keys row i sees, so that P = exp(z' - lse) * norm sums to 1 as the reference's exp(z - max) / sum does (lse
+// is exact to ulp(lse) only; at |z'| ~ 1e30 it has lost the log of the row sum). norm is 1 on every other row, and
+// this pass, one more Q K^T, runs only on the query tiles that hold such a row. Tasks: (sequence, head, query tile).
+template <typename T>
+void row_norm_kernel(const Problem& P, const T* q, const T* k, const T* lse, T* norm) {
+  using V = Vectorized<T>;
+  constexpr int64_t VS = V::size();
+  const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
+  const int64_t D = P.d, Hq = P.hq, Hk = P.hk;
+  const int64_t ldq = Hq * D, ldk = Hk * D;
+  const int64_t Tq = P.cu_q[P.num_seqs];
+  auto big = [](T L) { return std::abs(L) >= T(kBigLse) && std::abs(L) < kInf<T>; };
+  std::vector<FwdTask> tasks;
+  for (int64_t n = 0; n < P.num_seqs; ++n) {
+    const int64_t q0 = P.cu_q[n], sq = P.cu_q[n + 1] - q0;
+    for (int64_t h = 0; h < Hq; ++h)
+      for (int64_t i0 = 0; i0 < sq; i0 += QB) {
+        const int64_t i1 = std::min(i0 + QB, sq);
+        const T* L = lse + h * Tq + q0;
+        if (std::any_of(L + i0, L + i1, big)) tasks.push_back({(int32_t)n, (int32_t)h, i0, i1});
+      }
+  }
+  at::parallel_for(0, (int64_t)tasks.size(), 1, [&](int64_t tb, int64_t te) {
+    std::vector<T> St(KB * ldt), s(ldt);
+    ProbScratch<T> ps;
+    for (int64_t t = tb; t < te; ++t) {
+      const FwdTask& tk = tasks[t];
+      const int64_t n = tk.n, h = tk.h, hkv = h / P.group;
+      const int64_t q0 = P.cu_q[n], k0 = P.cu_k[n];
+      const int64_t sq = P.cu_q[n + 1] - q0, sk = P.cu_k[n + 1] - k0, off = sk - sq;
+      const int64_t i0 = tk.i0, i1 = tk.i1, nq = i1 - i0, nqp = round_up(nq, VS);
+      std::fill(s.begin(), s.end(), T(0));
+      const int32_t* qcls = P.query_class ? P.query_class + q0 + i0 : nullptr;
+      const int64_t kmin = P.lo(i0, sq, sk), kmax = P.hi(i1 - 1, sq, sk);
+      for (int64_t j0 = round_down(std::max<int64_t>(kmin, 0), KB); j0 <= kmax && j0 < sk; j0 += KB) {
+        const int64_t nk = std::min(KB, sk - j0);
+        const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
+        if (tc.c1 <= tc.c0) continue;
+        if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
+                          lse + h * Tq + q0 + i0, nullptr, qcls, P.C > 0 ? P.key_class + k0 + j0 : nullptr,
+                          St.data(), nullptr, nullptr, ldt, j0, tc, off, i0, nq, nqp, ps))
+          break;
+        for (int64_t c = tc.c0; c < tc.c1; ++c)
+          for (int64_t r = 0; r < nqp; r += VS)
+            (V::loadu(s.data() + r) + V::loadu(St.data() + c * ldt + r)).store(s.data() + r);
+      }
+      for (int64_t r = 0; r < nq; ++r)
+        if (big(lse[h * Tq + q0 + i0 + r])) norm[h * Tq + q0 + i0 + r] = T(1) / s[r];
+    }
+  });
+}
+
+// norm [Hq, Tq] for row_norm_kernel when some row has a finite |lse| >= kBigLse, else an undefined tensor.
+at::Tensor row_norms(const Problem& P, const at::Tensor& q, const at::Tensor& k, const at::Tensor& lse) {
+  const auto a = lse.abs();
+  if (!(a.ge(kBigLse) & a.lt(std::numeric_limits<double>::infinity())).any().item<bool>()) return at::Tensor();
+  at::Tensor norm = at::ones_like(lse);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "avar_cpu_row_norms", [&] {
+    row_norm_kernel<scalar_t>(P, q.data_ptr<scalar_t>(), k.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                              norm.data_ptr<scalar_t>());
+  });
+  return norm;
+}
+
 // The key-mass term of the backward's row constant: delta[h, i] += sum_j P_ij dkm[h, j, qclass(i)]. Tasks are
 // (sequence, head, query tile), as in the forward; each owns its rows of delta.
 template <typename T>
-void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* lse, const T* dkm, T* delta,
-                           int64_t Tk) {
+void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* lse, const T* norm, const T* dkm,
+                           T* delta, int64_t Tk) {
   using V = Vectorized<T>;
   constexpr int64_t VS = V::size();
   const int64_t QB = kBlocks.q, KB = kBlocks.k, ldt = round_up(QB, kAlign);
@@ -644,7 +724,8 @@ void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* ls
         const TileCols tc = tile_cols(P, j0, nk, i0, i1, sq, sk);
         if (tc.c1 <= tc.c0) continue;
         if (!prob_tile<T>(P, h, q + (q0 + i0) * ldq + h * D, k + (k0 + j0 + tc.c0) * ldk + hkv * D, ldq, ldk,
-                          lse + h * Tq + q0 + i0, qcls, P.key_class + k0 + j0, St.data(), nullptr, nullptr, ldt, j0,
+                          lse + h * Tq + q0 + i0, norm ? norm + h * Tq + q0 + i0 : nullptr, qcls,
+                          P.key_class + k0 + j0, St.data(), nullptr, nullptr, ldt, j0,
                           tc, off, i0, nq, nqp, ps))
           break;  // no row of the tile has a key: the same for every key block
         // y[r] += sum over the keys c of P[c, r] dkm[c, class(r)].
@@ -665,8 +746,8 @@ void key_mass_delta_kernel(const Problem& P, const T* q, const T* k, const T* ls
 // ----------------------------------------------------------------------------------------------
 template <typename T>
 void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* dkm, const T* delta, const T* q,
-                     const T* k, const T* v, const T* lse, T* dq, T* dk_full, T* dv_full, int64_t Tq, int64_t Tk,
-                     const bool* want, double* dtab) {
+                     const T* k, const T* v, const T* lse, const T* norm, T* dq, T* dk_full, T* dv_full, int64_t Tq,
+                     int64_t Tk, const bool* want, double* dtab) {
   // want[0..2]: gradients of MUL, ABS, ADD requested; then dtab [N, 3, Hq, C, C] receives, for task (n, h),
   // the sums over its visible (i, j) of dZ' * z, dZ' * |z| and dZ' by (class(i), class(j)).
   // dkm [Hq, Tk, C] (or null): the key masses' gradient; delta then already holds its term (key_mass_delta_kernel).
@@ -718,7 +799,8 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
           T* Sc = St.data() + tc.c0 * ldt;
           T* dPc = dPt.data() + tc.c0 * ldt;
           const int32_t* qcls = P.query_class ? P.query_class + q0 + i0 : nullptr;
-          if (!prob_tile<T>(P, h, qp, kp, ldq, ldk, lse + h * Tq + q0 + i0, qcls, kcls, St.data(),
+          if (!prob_tile<T>(P, h, qp, kp, ldq, ldk, lse + h * Tq + q0 + i0,
+                            norm ? norm + h * Tq + q0 + i0 : nullptr, qcls, kcls, St.data(),
                             P.has_rw ? G.data() : nullptr, want_z ? Z.data() : nullptr, ldt, j0, tc, off, i0, nq, nqp,
                             ps))
             continue;
@@ -727,10 +809,14 @@ void backward_kernel(const Problem& P, const T* dout, const T* dmass, const T* d
           // dV[w x D] += P^T dO.
           blas_gemm('N', 'N', D, w, nq, T(1), dop, ldq, Sc, ldt, T(1), dV.data() + tc.c0 * D, D);
           // dZ' = P (dP + dmass[i, class(j)] - delta_i [+ dkm[j, qclass(i)]]): one constant per (class, query).
+          // A non-finite constant (inf or NaN in the row's out, from v) makes the row's dZ' NaN on every key it
+          // sees: the softmax's row gradient is then undefined (inf - inf at the keys that caused it), and the
+          // reference's autograd spreads that NaN over the row (through its row max).
           for (int64_t c = 0; c < slots; ++c)
             for (int64_t r = 0; r < nqp; ++r) {
               const int64_t gi = q0 + i0 + r;
-              cst[c * ldt + r] = r < nq ? (has_dm ? dmass[(h * Tq + gi) * C + c] : T(0)) - delta[h * Tq + gi] : T(0);
+              const T x = r < nq ? (has_dm ? dmass[(h * Tq + gi) * C + c] : T(0)) - delta[h * Tq + gi] : T(0);
+              cst[c * ldt + r] = std::isfinite(x) ? x : kNaN<T>;
             }
           if (dkm) qcl.fill(qcls, nq, C, ldt);
           for (int64_t c = tc.c0; c < tc.c1; ++c) {
@@ -894,11 +980,16 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
     if (Tq > 0)
       forward_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), vc.data_ptr<scalar_t>(),
                                out.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(), mass.data_ptr<scalar_t>(), Tq);
-    // After lse is known: every key of every sequence is written (0 where no row sees it).
-    if (want_km && num_classes > 0 && Tk > 0)
-      key_mass_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
-                                key_mass->data_ptr<scalar_t>(), Tq, Tk);
   });
+  // After lse is known: every key of every sequence is written (0 where no row sees it).
+  if (want_km && num_classes > 0 && Tk > 0) {
+    const at::Tensor norm = Tq > 0 ? row_norms(P, qc, kc, lse) : at::Tensor();
+    AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "avar_cpu_key_mass", [&] {
+      key_mass_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(), lse.data_ptr<scalar_t>(),
+                                norm.defined() ? norm.data_ptr<scalar_t>() : nullptr, key_mass->data_ptr<scalar_t>(),
+                                Tq, Tk);
+    });
+  }
   if (want_km) return {out, lse, mass, *key_mass};
   return {out, lse, mass};
 }
@@ -945,15 +1036,17 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const c10::optional<at:
   // Per (sequence, table, head) partial sums, summed over the sequences below: deterministic, no atomics.
   at::Tensor dtab_seq = at::zeros({want_tab ? P.num_seqs : 0, 3, P.hq, P.C, P.C}, qc.options().dtype(at::kDouble));
   if (Tq > 0 && Tk > 0) {
+    const at::Tensor norm = row_norms(P, qc, kc, lsec);  // rows with |lse| >= kBigLse, else undefined
     AT_DISPATCH_FLOATING_TYPES(st, "avar_cpu_backward", [&] {
       const scalar_t* dkm = dkmc.defined() ? dkmc.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* nrm = norm.defined() ? norm.data_ptr<scalar_t>() : nullptr;
       // delta_i += sum_j P_ij dkm[j, qclass(i)] first: every key tile of a row needs the row's final delta.
       if (dkm)
         key_mass_delta_kernel<scalar_t>(P, qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                                        lsec.data_ptr<scalar_t>(), dkm, dlc.data_ptr<scalar_t>(), Tk);
+                                        lsec.data_ptr<scalar_t>(), nrm, dkm, dlc.data_ptr<scalar_t>(), Tk);
       backward_kernel<scalar_t>(P, doc.data_ptr<scalar_t>(), dmc.defined() ? dmc.data_ptr<scalar_t>() : nullptr, dkm,
                                 dlc.data_ptr<scalar_t>(), qc.data_ptr<scalar_t>(), kc.data_ptr<scalar_t>(),
-                                vc.data_ptr<scalar_t>(), lsec.data_ptr<scalar_t>(), dq.data_ptr<scalar_t>(),
+                                vc.data_ptr<scalar_t>(), lsec.data_ptr<scalar_t>(), nrm, dq.data_ptr<scalar_t>(),
                                 dk_full.data_ptr<scalar_t>(), dv_full.data_ptr<scalar_t>(), Tq, Tk, want,
                                 want_tab ? dtab_seq.data_ptr<double>() : nullptr);
     });
