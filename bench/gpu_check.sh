@@ -15,7 +15,8 @@
 #            key masses (avar_keymass: forward, and forward+backward of a key-mass loss, as time over avar_mass) (480 s)
 #   tests    pytest -m gpu over 8 xdist workers when pytest-xdist is there (540 s)
 #   decode   bench/bench_decode_gpu.py: bandwidth against the measured copy bandwidth, against SDPA decode (240 s)
-#   model    bench/bench_hf.py --device cuda: memory and time of a mass loss through 2 Qwen2.5-VL-7B layers (420 s)
+#   model    bench/bench_hf.py --device cuda: memory and time of a mass loss through 2 Qwen2.5-VL-7B layers, bf16,
+#            S 2048-8192 (the SFT-step rows of the trainer issue; 420 s)
 # A stage after `build` builds first when avar_kernels._cuda is missing (a fresh machine).
 #
 # Results: bench/results/gpu/<stage>.{md,json,csv} (+ build.log, tests.log, gpu_check.log). With $OUT set (the device
@@ -81,7 +82,7 @@ stage_tests() {
 stage_decode() { ensure_built; run_stage decode 240 "$PY" bench/bench_decode_gpu.py --out "$RESULTS/decode"; }
 stage_model() {
     ensure_built
-    run_stage model 420 "$PY" bench/bench_hf.py --device cuda --seq 1024 2048 4096 --timeout 130 \
+    run_stage model 420 "$PY" bench/bench_hf.py --device cuda --seq 2048 4096 8192 --timeout 130 \
         --out "$RESULTS/hf_cuda"
 }
 
