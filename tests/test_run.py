@@ -3,6 +3,9 @@ model with and without an intervention, a restart redoes nothing, and bad input 
 import json
 import os
 import re
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -60,6 +63,31 @@ def test_main_job_end_to_end_and_restart(tmp_path, capsys):
     for step in ("data", "sft", "avar-sft", "grpo"):
         assert f"{step}: done earlier" in again
     assert "report (complete)" in again
+
+
+def test_main_job_in_two_processes(tmp_path):
+    """The same job under torchrun (2 CPU processes over gloo): one table printed, one complete report in which every
+    question of every (model, condition) is scored exactly once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "job"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "avar_kernels", "run", "--out", str(out), *SHORT]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("report (complete)") == 1                   # only the main process prints
+    with open(out / "report" / "results.json") as f:
+        res = json.load(f)
+    assert res["complete"] and res["run"]["processes"] == 2
+    assert list(res["models"]) == ["start", "sft", "avar-sft", "grpo"]
+    for name, m in res["models"].items():
+        assert list(m["conditions"]) == ["none", "vaf=0.15"], name
+        for c in m["conditions"].values():
+            assert c["samples"] == c["scored"] == 4, name
+    with open(out / "job.json") as f:
+        assert set(json.load(f)["steps"]) == {"data", "sft", "avar-sft", "grpo", "eval"}
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -229,6 +229,9 @@ def run(args):
         _log(step, f"{what}, {cfg.get('max_steps', 'config')} steps -> {dirs[step]}"
              + (" (resuming)" if cfg["resume_from_checkpoint"] else ""))
         report = trainer.run_grpo(cfg) if step == "grpo" else trainer.run_sft(cfg)
+        # the main process saves the model and its report after the others have left train(): no process reads
+        # this step's output (the next step's start model, or the evaluation) before it is complete
+        procs.barrier()
         finished(step, time.perf_counter() - t, train=report["train"])
         _log(step, f"{time.perf_counter() - t:.1f} s, train loss {report['train'].get('train_loss', math.nan):.4f}")
 
