@@ -103,7 +103,7 @@ def test_example_configs_load():
         train, rewards, data = split_config({**load_yaml(os.path.join(root, "avar_grpo.yaml")), "bf16": False}, "grpo")
         assert (rewards.visual_reward_weight, train.num_generations) == (0.3, 8)
         train, avar, data = split_config(load_yaml(os.path.join(root, "embedded_sft.yaml")), "sft")
-        assert data.model_name_or_path is None and train.max_steps == 300
+        assert data.model_name_or_path is None and train.max_steps == 1500
     kinds = {}
     for name in ("ddp", "fsdp", "deepspeed_zero3"):
         with open(os.path.join(root, "accelerate", name + ".yaml")) as f:

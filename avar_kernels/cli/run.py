@@ -26,6 +26,12 @@ from . import args as A
 from .eval import add_eval_arguments, eval_config, print_results
 
 STEPS = ("data", "sft", "avar-sft", "grpo", "eval")
+# The main job on the embedded default is the short demonstration (about 2 minutes on 2 idle cores): shorter runs
+# than `train sft` / `train grpo` alone (1500 SFT steps at batch 16, 20 GRPO steps; docs/training.md), which the
+# config keys and --sft-steps / --grpo-steps / --set-* override.
+MAIN_JOB_SFT = dict(max_steps=300, per_device_train_batch_size=8, learning_rate=1e-3, warmup_steps=25, save_steps=100)
+MAIN_JOB_GRPO = dict(max_steps=10)
+MAIN_JOB_TRAIN_SAMPLES = 4000
 
 
 def register(sub):
@@ -45,8 +51,8 @@ def register(sub):
                    help="SFT conversations (ShareGPT messages + images); default: synthesized from the embedded task")
     p.add_argument("--grpo-data", type=A.existing_file, default=None, metavar="FILE.jsonl",
                    help="GRPO problems (problem / answer / images); default: the embedded task")
-    p.add_argument("--train-samples", type=A.positive_int, default=None, metavar="N",
-                   help="embedded SFT samples to synthesize (default: the trainer's embedded_train_size)")
+    p.add_argument("--train-samples", type=A.positive_int, default=MAIN_JOB_TRAIN_SAMPLES, metavar="N",
+                   help=f"embedded SFT samples to synthesize (default {MAIN_JOB_TRAIN_SAMPLES})")
     p.add_argument("--grpo-samples", type=A.positive_int, default=256, metavar="N",
                    help="embedded GRPO problems (default 256)")
     p.add_argument("--sft-config", type=A.existing_file, default=None, metavar="YAML",
@@ -54,9 +60,10 @@ def register(sub):
     p.add_argument("--grpo-config", type=A.existing_file, default=None, metavar="YAML",
                    help="trainer config of the GRPO run (GRPOConfig / reward keys)")
     p.add_argument("--sft-steps", type=A.positive_int, default=None, metavar="N",
-                   help="max_steps of each SFT run (default: the config's; the embedded task: the trainer's)")
+                   help="max_steps of each SFT run (default: the config's; the embedded task: "
+                        f"{MAIN_JOB_SFT['max_steps']} at batch {MAIN_JOB_SFT['per_device_train_batch_size']})")
     p.add_argument("--grpo-steps", type=A.positive_int, default=None, metavar="N",
-                   help="max_steps of GRPO (default: the config's; the embedded task: the trainer's)")
+                   help=f"max_steps of GRPO (default: the config's; the embedded task: {MAIN_JOB_GRPO['max_steps']})")
     p.add_argument("--set-sft", action="append", default=[], metavar="KEY=VALUE",
                    help="an SFT config key (value read as YAML), repeatable")
     p.add_argument("--set-grpo", action="append", default=[], metavar="KEY=VALUE",
@@ -100,10 +107,7 @@ def make_data(args, folder):
         raise ValueError(f"--data-seed {args.data_seed}: the test questions must not share the seed of the training "
                          "data (--seed, --seed + 1000)")
     if args.sft_data is None:
-        from avar_kernels.train.config import DataArguments
-
-        n = args.train_samples or DataArguments().embedded_train_size
-        rep = synth.synthesize(embedded.records(n, seed=args.seed), sft, source="<embedded>", resume=False)
+        rep = synth.synthesize(embedded.records(args.train_samples, seed=args.seed), sft, source="<embedded>", resume=False)
         if rep.bad:
             raise RuntimeError(f"synth: {len(rep.bad)} embedded records failed, first: {rep.bad[0]}")
     if args.grpo_data is None:
@@ -141,7 +145,7 @@ def sft_config(args, data, output_dir, guided):
 
     cfg = _config(args.sft_config, [])
     if args.model is None:
-        cfg = {**R.EMBEDDED_SFT, **cfg}
+        cfg = {**R.EMBEDDED_SFT, **MAIN_JOB_SFT, **cfg}
     else:
         cfg["model_name_or_path"] = args.model
     cfg.update(dataset=data, output_dir=output_dir, seed=args.seed, use_avar_attn_guide=guided)
@@ -159,7 +163,7 @@ def grpo_config(args, data, start, output_dir):
 
     cfg = _config(args.grpo_config, [])
     if args.model is None:
-        cfg = {**R.EMBEDDED_GRPO, **cfg}
+        cfg = {**R.EMBEDDED_GRPO, **MAIN_JOB_GRPO, **cfg}
     cfg.update(model_name_or_path=start, dataset=data, output_dir=output_dir, seed=args.seed)
     if args.no_progress:
         cfg["disable_tqdm"] = True

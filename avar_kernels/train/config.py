@@ -42,7 +42,7 @@ class DataArguments:
     freeze_language_model: bool = False
     finetuning_type: str = "full"
     stage: str | None = None
-    embedded_train_size: int = 4000
+    embedded_train_size: int = 20000
     embedded_eval_size: int = 200
     max_new_tokens: int = 128
 

@@ -246,13 +246,13 @@ def run_sft(cfg: dict) -> dict:
 
 
 # The embedded task's defaults: a few minutes on 2 CPU cores (a config or flags override any of them)
-EMBEDDED_SFT = dict(learning_rate=1e-3, per_device_train_batch_size=8, max_steps=300, warmup_steps=25,
-                    lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=25, save_steps=100,
+EMBEDDED_SFT = dict(learning_rate=5e-4, per_device_train_batch_size=16, max_steps=1500, warmup_steps=50,
+                    lr_scheduler_type="cosine", weight_decay=0.0, logging_steps=25, save_steps=500,
                     save_total_limit=2, seed=0, dataloader_num_workers=0)
 
 
 EMBEDDED_GRPO = dict(learning_rate=1e-5, per_device_train_batch_size=4, num_generations=4, max_completion_length=96,
-                     max_steps=10, logging_steps=1, save_steps=100, seed=0, temperature=1.0, beta=0.0,
+                     max_steps=20, logging_steps=1, save_steps=100, seed=0, temperature=1.0, beta=0.0,
                      dataloader_num_workers=0)
 
 
