@@ -7,6 +7,7 @@ import torch
 pytest.importorskip("transformers")
 
 from test_hf_models import models, rows_for  # noqa: E402
+from test_kvcache import emulated_cuda  # noqa: E402,F401 - the fixture
 
 import avar_kernels  # noqa: E402
 import avar_kernels.hf as ah  # noqa: E402
@@ -396,30 +397,20 @@ def test_record_key_mass_accumulates_over_generate():
     _generate_key_mass_matches_eager()
 
 
-def test_record_key_mass_on_the_decode_kernel_path(monkeypatch):
+def test_record_key_mass_on_the_decode_kernel_path(emulated_cuda, monkeypatch):  # noqa: F811 - the fixture
     """Generation steps take the CUDA decode kernel's path with key masses (here its binding emulated in float64 on
     the CPU, tests/test_kvcache.py); the accumulated key masses still equal eager weights summed by query class."""
-    from types import SimpleNamespace
-
-    from test_kvcache import emulated_binding
-
     from avar_kernels import kvcache
     from avar_kernels.hf import attention as hf_attention
 
-    calls = []
-    fake = SimpleNamespace(decode_fwd=emulated_binding(calls))
-    monkeypatch.setitem(__import__("sys").modules, "avar_kernels._cuda", fake)
-    monkeypatch.setattr(avar_kernels, "_cuda", fake, raising=False)
-    monkeypatch.setattr(kvcache, "cuda_available", lambda: True)
-    real = kvcache._cuda_why_not
-    as_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
     # the tiny model's head dim (32) is not one the kernel is built for; the emulated binding takes any
-    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: real(as_cuda, 64, sq, needs_grad))
+    why_not = kvcache._cuda_why_not                             # the fixture's CUDA-looking check
+    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: why_not(q, 64, sq, needs_grad))
     monkeypatch.setattr(hf_attention, "_use_decode_kernel",
                         lambda q, sq, sk, causal, window: causal and window is None and sq < sk
                         and not torch.is_grad_enabled())
     _generate_key_mass_matches_eager()
-    assert calls and all(c["key_mass"] for c in calls)          # every decode step went through the binding
+    assert emulated_cuda and all(c["key_mass"] for c in emulated_cuda)   # every decode step went through it
 
 
 def test_key_mass_gradient_matches_eager():
