@@ -115,6 +115,34 @@ def test_synthesize_reports_records_the_rewriter_fails_on(tmp_path):
     assert rep.written == 2 and [str(b) for b in rep.bad] == ["in.jsonl:2: the model's description came back empty"]
 
 
+def test_template_phrasing_does_not_tell_the_answer():
+    """The phrasings come before the answer in a sample: if they depended on it, a model could learn them as a
+    shortcut (pick a phrasing by prior, then write the answer it implies) instead of reading the image. Out of
+    sample, (question, phrasings) must predict the answer no better than the question alone (with the answer in
+    the hash they predicted 90% of it)."""
+    from collections import Counter, defaultdict
+
+    rewrite = synth.TemplateRewriter()
+    choices = (*synth.REASONING_OPENERS, *synth.LOOK_AGAIN, *synth.CONFIRM, *synth.REFLECTIONS)
+
+    def keys(recs):
+        return [(r.question, tuple(c in rewrite(r) for c in choices)) for r in recs]
+
+    train, test = E.records(4000, seed=0), E.records(1000, seed=1)
+    by_phrasing, by_question = defaultdict(Counter), defaultdict(Counter)
+    for r, key in zip(train, keys(train)):
+        by_phrasing[key][r.answer] += 1
+        by_question[key[0]][r.answer] += 1
+
+    def accuracy(table, pick):
+        return sum((table.get(pick(key)) or Counter({None: 1})).most_common(1)[0][0] == r.answer
+                   for r, key in zip(test, keys(test))) / len(test)
+
+    blind = accuracy(by_question, lambda key: key[0])
+    with_phrasing = accuracy(by_phrasing, lambda key: key)
+    assert with_phrasing <= blind + 0.03, (with_phrasing, blind)
+
+
 def test_embedded_task_needs_the_image():
     recs = E.records(400, seed=0)
     assert {r.line for r in recs} == set(range(1, 401))
