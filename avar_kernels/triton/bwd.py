@@ -37,13 +37,11 @@ from .fwd import (
     _dot_onehot,
     _head_table,
     _load_tile,
-    _mask_scores,
     _one_class,
     _phase,
-    _reweight,
-    _reweight_bcast,
     _row_entries,
     _row_ranges,
+    _scores,
     _table_tile,
     class_runs,
     dot_precision,
@@ -154,8 +152,7 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
-    if HAS_RW:
-        qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
+    qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
     DKM_h = DKM + h * stride_dkmh
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
 
@@ -173,21 +170,14 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
                 cols = j0 + offs_n
                 kmask = cols < sk
                 k = _load_tile(K_base, cols, stride_kt, kmask, offs_d, masked, HEAD_DIM, BLOCK_D)  # [BLOCK_N, BLOCK_D]
-                t = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
                 if HAS_RW:
                     one_class, c0 = _one_class(run, j0, sk, BLOCK_N)
                     run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
-                    if one_class:
-                        f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
-                                                           HAS_ADD)
-                        z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
-                    else:
-                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
-                        z = _reweight(t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, ADD, C, False, HAS_MUL, HAS_ABS,
-                                      HAS_ADD)
                 else:
-                    z = t * qk_scale
-                z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                    one_class, c0 = None, None  # read by _scores only with tables
+                _, z = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class, c0,
+                               KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
+                               HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 if q_one:
                     col = tl.load(DKM_h + (k_start + cols).to(tl.int64) * C + a0, mask=kmask, other=0.0)  # [BLOCK_N]
@@ -240,6 +230,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
         kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
         # the program's key block has one class c0 (the usual case) or takes the one-hot products
         one_class, c0 = _one_class(tl.load(RUNS + k_start + n0), n0, sk, BLOCK_N)
+    else:
+        kcls, one_class, c0 = None, None, None  # read by _scores only with tables
     if WANT_TG:
         offs_t = tl.arange(0, CLASS_TILE)
         onehot_k = (kcls[:, None] == offs_t[None, :]) & mask_n[:, None]  # [BLOCK_N, CLASS_TILE]
@@ -274,24 +266,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
                     q = _load_tile(Q_h, g_rows, stride_qt, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                     do = _load_tile(DO_h, g_rows, stride_dot, rmask, offs_d, masked, HEAD_DIM, BLOCK_D)
                     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
-                    tT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
                     if HAS_RW or HAS_DKM:
                         qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
-                    if HAS_RW:
-                        # table entries (query class, c0) per query row, for a one-class key block ([1, BLOCK_M])
-                        q_off = qcls * C
-                        t_idx = q_off + c0
-                        f_mul = tl.load(MUL_h + t_idx, mask=rmask, other=0.0)[None, :] if HAS_MUL else 0.0
-                        f_abs = tl.load(ABS_h + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ABS else 0.0
-                        f_add = tl.load(ADD_h + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ADD else 0.0
-                        if one_class:
-                            zT = _reweight_bcast(tT, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
-                        else:
-                            zT = _reweight(tT * qk_scale, q_off, rmask, kcls, MUL_h, ABS_h, ADD_h, C, True,
-                                           HAS_MUL, HAS_ABS, HAS_ADD)
-                    else:
-                        zT = tT * qk_scale
-                    zT = _mask_scores(zT, rows[None, :], offs_n[:, None], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                    q_off = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
+                    tT, zT = _scores(k, q, qk_scale, rows, offs_n, sq, sk, wl, wr, q_off, rmask, one_class, c0, KCLS,
+                                     k_start, kcls, MUL_h, ABS_h, ADD_h, C, True, masked, HAS_RW, HAS_MUL, HAS_ABS,
+                                     HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_N, BLOCK_M]
                     pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
@@ -332,7 +312,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
                         if WANT_DADD:
                             tadd = _dot_onehot(dzT, onehot_q, tadd, True, PREC)
                     if HAS_RW:
-                        if one_class:
+                        if one_class:  # table entries (query class, c0) per query row, broadcast along the keys
+                            f_mul, f_abs, _ = _row_entries(MUL_h, ABS_h, ADD_h, q_off + c0, rmask, True, HAS_MUL,
+                                                           HAS_ABS, False)
                             dsT = dzT * _slope_bcast(tT, f_mul, f_abs * abs_sign, HAS_MUL, HAS_ABS)
                         else:
                             dsT = _reweight_grad(dzT, tT * qk_scale, q_off, rmask, kcls, MUL_h, ABS_h, C, True,
@@ -406,8 +388,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
-    if HAS_RW:
-        qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
+    qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
     if HAS_DKM:  # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
         DKM_h = DKM + h * stride_dkmh
         q_one, a0 = _one_class(tl.load(QRUNS + q_start + m0), m0, sq, BLOCK_M)
@@ -434,19 +415,11 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
                 if HAS_CLASSES:
                     one_class, c0 = _one_class(run, j0, sk, BLOCK_N)
                     run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
-                t = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-                if HAS_RW:
-                    if one_class:
-                        f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
-                                                           HAS_ADD)
-                        z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
-                    else:
-                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
-                        z = _reweight(t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, ADD, C, False, HAS_MUL, HAS_ABS,
-                                      HAS_ADD)
                 else:
-                    z = t * qk_scale
-                z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                    one_class, c0 = None, None  # read by _scores only with tables
+                t, z = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class, c0,
+                               KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
+                               HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
                 if HAS_DKM:  # + dKM[j, qclass(i)] from the key block's dKM rows [BLOCK_N, CP]
@@ -459,8 +432,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
                     if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
                         ds = p * (dp - (di - tl.load(dm_rows + c0, mask=mask_m, other=0.0))[:, None])
                         if HAS_RW:
-                            f_mul, f_abs, _ = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
-                                                           False)
+                            f_mul, f_abs, _ = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, False, HAS_MUL,
+                                                           HAS_ABS, False)
                             ds = ds * _slope_bcast(t, f_mul, f_abs * abs_sign, HAS_MUL, HAS_ABS)
                     else:
                         kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]

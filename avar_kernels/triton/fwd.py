@@ -221,11 +221,14 @@ def _one_class(run, j0, sk, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_entries(MUL, ABS, ADD, idx, rmask, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
-    """Each present table's entry at the flat offsets idx (one per query row), as [rows, 1]; 0.0 if absent."""
-    f_mul = tl.load(MUL + idx, mask=rmask, other=0.0)[:, None] if HAS_MUL else 0.0
-    f_abs = tl.load(ABS + idx, mask=rmask, other=0.0)[:, None] if HAS_ABS else 0.0
-    f_add = tl.load(ADD + idx, mask=rmask, other=0.0)[:, None] if HAS_ADD else 0.0
+def _row_entries(MUL, ABS, ADD, idx, rmask, KEYS_FIRST: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr,
+                 HAS_ADD: tl.constexpr):
+    """Each present table's entry at the flat offsets idx (one per query row), as [rows, 1] ([1, rows] if
+    KEYS_FIRST), broadcast along the keys; 0.0 if absent."""
+    key_axis: tl.constexpr = 0 if KEYS_FIRST else 1
+    f_mul = tl.expand_dims(tl.load(MUL + idx, mask=rmask, other=0.0), key_axis) if HAS_MUL else 0.0
+    f_abs = tl.expand_dims(tl.load(ABS + idx, mask=rmask, other=0.0), key_axis) if HAS_ABS else 0.0
+    f_add = tl.expand_dims(tl.load(ADD + idx, mask=rmask, other=0.0), key_axis) if HAS_ADD else 0.0
     return f_mul, f_abs, f_add
 
 
@@ -243,6 +246,37 @@ def _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL: tl.constexpr, HAS
     if HAS_ADD:
         z += f_add * LOG2E
     return z
+
+
+@triton.jit
+def _scores(a, b, qk_scale, rows, cols, sq, sk, wl, wr, q_off, qmask, one_class, c0, KCLS, k_start, kcls, MUL, ABS,
+            ADD, C: tl.constexpr, KEYS_FIRST: tl.constexpr, MASKED: tl.constexpr, HAS_RW: tl.constexpr,
+            HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_WL: tl.constexpr,
+            HAS_WR: tl.constexpr, PREC: tl.constexpr):
+    """(t, z') of a block: the raw products t = <q, k> (the backward's slopes reuse them) and the scores z' in log2
+    units, re-weighted and masked, as [rows, keys] tiles from a = q, b = k ([keys, rows] from a = k, b = q if
+    KEYS_FIRST, in the key-major kernels). rows, cols: local query and key indices; q_off = qclass(i) * C per row.
+    A key block of one class c0 (one_class) takes per-row table entries broadcast along the keys; else the key
+    classes: kcls [keys] if KEYS_FIRST (the program's own key block, loaded once), else loaded here from
+    KCLS + k_start + cols (most blocks have one class, so most never load them).
+    The class and table arguments are read only with HAS_RW (None otherwise)."""
+    t = tl.dot(a, tl.trans(b), input_precision=PREC)
+    if HAS_RW:
+        if one_class:
+            f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, q_off + c0, qmask, KEYS_FIRST, HAS_MUL, HAS_ABS,
+                                               HAS_ADD)
+            z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
+        else:
+            key_cls = kcls if KEYS_FIRST else tl.load(KCLS + k_start + cols, mask=cols < sk, other=0)  # [keys]
+            z = _reweight(t * qk_scale, q_off, qmask, key_cls, MUL, ABS, ADD, C, KEYS_FIRST, HAS_MUL, HAS_ABS,
+                          HAS_ADD)
+    else:
+        z = t * qk_scale
+    if KEYS_FIRST:
+        z = _mask_scores(z, rows[None, :], cols[:, None], sq, sk, wl, wr, MASKED, HAS_WL, HAS_WR)
+    else:
+        z = _mask_scores(z, rows[:, None], cols[None, :], sq, sk, wl, wr, MASKED, HAS_WL, HAS_WR)
+    return t, z
 
 
 @triton.jit
@@ -317,8 +351,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
-    if HAS_RW:
-        qcls_row = qcls * C  # [BLOCK_M] offsets of each query row's table row
+    qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
 
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
@@ -344,19 +377,11 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
                 if HAS_CLASSES:
                     one_class, c0 = _one_class(run, j0, sk, BLOCK_N)
                     run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
-                t = tl.dot(q, tl.trans(k), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-                if HAS_RW:
-                    if one_class:
-                        f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, HAS_MUL, HAS_ABS,
-                                                           HAS_ADD)
-                        z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
-                    else:
-                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
-                        z = _reweight(t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, ADD, C, False, HAS_MUL, HAS_ABS,
-                                      HAS_ADD)
                 else:
-                    z = t * qk_scale
-                z = _mask_scores(z, offs_m[:, None], cols[None, :], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                    one_class, c0 = None, None  # read by _scores only with tables
+                _, z = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class, c0,
+                               KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
+                               HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 m_new = tl.maximum(m_i, tl.max(z, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.math.exp2(z - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
@@ -434,6 +459,8 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, AB
     if HAS_RW:
         kcls = tl.load(KCLS + k_start + offs_n, mask=mask_n, other=0)  # [BLOCK_N]
         one_class, c0 = _one_class(tl.load(RUNS + k_start + n0), n0, sk, BLOCK_N)
+    else:
+        kcls, one_class, c0 = None, None, None  # read by _scores only with tables
     MUL = _head_table(MUL, h, C, HAS_MUL)
     ABS = _head_table(ABS, h, C, HAS_ABS)
     ADD = _head_table(ADD, h, C, HAS_ADD)
@@ -458,21 +485,9 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, AB
                 # rows without keys (and padding rows) get lse = +inf in log2 units: P = 0, no NaN
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # [BLOCK_M]
                 qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
-                tT = tl.dot(k, tl.trans(q), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-                if HAS_RW:
-                    q_off = qcls * C
-                    if one_class:  # table entries (query class, c0) per query row, broadcast over keys
-                        t_idx = q_off + c0
-                        f_mul = tl.load(MUL + t_idx, mask=rmask, other=0.0)[None, :] if HAS_MUL else 0.0
-                        f_abs = tl.load(ABS + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ABS else 0.0
-                        f_add = tl.load(ADD + t_idx, mask=rmask, other=0.0)[None, :] if HAS_ADD else 0.0
-                        zT = _reweight_bcast(tT, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
-                    else:
-                        zT = _reweight(tT * qk_scale, q_off, rmask, kcls, MUL, ABS, ADD, C, True, HAS_MUL, HAS_ABS,
-                                       HAS_ADD)
-                else:
-                    zT = tT * qk_scale
-                zT = _mask_scores(zT, rows[None, :], offs_n[:, None], sq, sk, wl, wr, masked, HAS_WL, HAS_WR)
+                _, zT = _scores(k, q, qk_scale, rows, offs_n, sq, sk, wl, wr, qcls * C, rmask, one_class, c0, KCLS,
+                                k_start, kcls, MUL, ABS, ADD, C, True, masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
+                                HAS_WL, HAS_WR, PREC)  # [BLOCK_N, BLOCK_M]
                 pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                 if q_one:  # one query class: the whole row sum goes to a0's column
                     km += tl.where(offs_c[None, :] == a0, tl.sum(pT, 1)[:, None], 0.0)
