@@ -157,7 +157,12 @@ def main():
     if args.worker:
         print(json.dumps(memory_worker(args) if args.worker == "memory" else time_worker(args)))
         return
-    notes = ["The embedded default model (Qwen2.5-VL, hidden 128, 4 layers, 4 heads / 2 KV heads, vision depth 1), "
+    from avar_kernels.train import embedded as E
+
+    text, vision = E.MODEL, E.VISION
+    notes = [f"The embedded default model (Qwen2.5-VL, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
+             f"{text['num_attention_heads']} heads / {text['num_key_value_heads']} KV heads, vision depth "
+             f"{vision['depth']}), "
              "float32, batch 1, one sample of S tokens (about S/2 image tokens). A step = forward, backward, AdamW. "
              "`act`: the step's peak memory beyond the model, gradients and optimizer state (fresh process). "
              f"Time: median of {args.reps} interleaved repetitions after {args.warmup} warm-up step(s), "

@@ -235,7 +235,13 @@ def processor():
 
 # ------------------------------------------------------------------------------------------------ model
 
-MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+# Measured on the shapes task (1500 steps at batch 16, 200 held-out questions, blind answerer 0.41): 4 layers
+# plain 0.54; 6 layers plain 0.675, guided 0.70; 8 layers plain 0.60 (slower to fit). The descriptions come out right
+# with 4 layers; the depth is for the reasoning's look-ups in them. The text weights start at std 0.06 (not
+# transformers' 0.02): at 0.02 this small model sat on a loss plateau without reading the image (0.35 after the
+# same 1500 steps).
+MODEL = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+             initializer_range=0.06)
 VISION = dict(depth=1, hidden_size=64, out_hidden_size=128, num_heads=2, intermediate_size=128)
 
 
