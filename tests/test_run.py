@@ -42,6 +42,7 @@ def test_main_job_end_to_end_and_restart(tmp_path, capsys):
         assert re.search(rf"^{re.escape(model)}\s+none\s+\d\.\d{{3}} \(\d/4\)\s+\d", printed, re.M), model
         assert re.search(rf"^{re.escape(model)}\s+vaf=0\.15\s+\d\.\d{{3}} \(\d/4\)", printed, re.M), model
     assert f"report (complete): {os.path.join(out, 'report', 'summary.md')}" in printed
+    assert re.search(r"^image-blind answerer .* on these questions: \d\.\d{3} \(\d/4\)$", printed, re.M)
     for step in ("sft", "avar-sft", "grpo"):
         assert os.path.isfile(os.path.join(out, step, "report.json")), step
         assert os.path.isfile(os.path.join(out, step, "config.json")), step

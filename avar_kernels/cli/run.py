@@ -240,6 +240,7 @@ def run(args):
         _log(step, f"{time.perf_counter() - t:.1f} s, train loss {report['train'].get('train_loss', math.nan):.4f}")
 
     t = time.perf_counter()
+    embedded_task = args.sft_data is None and args.data is None
     models = [start] + [ev.ModelSpec(step, dirs[step]) for step in ("sft", "avar-sft", "grpo")]
     _log("eval", f"{len(models)} models x {1 + len(args.interventions)} conditions on {test_data}")
     args.data = test_data
@@ -254,4 +255,11 @@ def run(args):
         print(f"{step:>9}: {info['seconds']:7.1f} s" + ("" if loss is None else f", train loss {loss:.4f}"))
     print(f"{'total':>9}: {sum(s['seconds'] for s in job['steps'].values()):7.1f} s ({job_path})\n")
     print_results(res, report_dir)
+    if embedded_task:                                     # the chance level the accuracies are read against
+        from avar_kernels.train import embedded
+
+        test = embedded.records(args.samples, seed=args.data_seed)
+        blind = embedded.blind_accuracy(embedded.records(args.train_samples, seed=args.seed), test)
+        print(f"image-blind answerer (the most frequent training answer to the same question) on these questions: "
+              f"{blind:.3f} ({round(blind * len(test))}/{len(test)})")
     return 0

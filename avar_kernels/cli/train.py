@@ -60,7 +60,7 @@ def run(args) -> int:
     held = report.get("heldout")
     if held:
         print(f"held-out accuracy {held['accuracy']:.3f} (chance {held['chance']:.3f}, n={held['n']}), "
-              f"VAS {held['vas']:.3f}, visual share {held['visual_share']:.4f}")
+              f"VAS {held['vas']:.4g}, visual share {held['visual_share']:.4f}")
     if report["skipped"]:
         print(f"{len(report['skipped'])} records skipped (warnings above)")
     print(json.dumps(report["train"]))
