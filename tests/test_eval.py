@@ -15,6 +15,9 @@ pytest.importorskip("matplotlib")
 
 from avar_kernels import eval as ev  # noqa: E402
 from avar_kernels.cli import main  # noqa: E402
+from avar_kernels.train.embedded import MODEL  # noqa: E402
+
+LAYERS, HEADS = MODEL["num_hidden_layers"], MODEL["num_attention_heads"]
 from avar_kernels.eval import evaluate as E  # noqa: E402  (the module: the package exports run_evaluation)
 from avar_kernels.eval import report as R  # noqa: E402
 from avar_kernels.types import IMAGE, SYSTEM, USER  # noqa: E402
@@ -116,7 +119,7 @@ def test_report_files(small_report):
     for c in conds.values():
         assert c["samples"] == c["scored"] == 5 and 0 <= c["accuracy"] <= 1
         assert math.isfinite(c["vas"]) and c["vas"] > 0 and 0 < c["visual_share"] < 1
-        assert len(c["vas_per_layer"]) == 4 and len(c["vas_per_head"]) == 4 and len(c["vas_per_head"][0]) == 4
+        assert len(c["vas_per_layer"]) == len(c["vas_per_head"]) == LAYERS and len(c["vas_per_head"][0]) == HEADS
     # VAF on layers 1-2 changes the image share of the user rows there and leaves layer 0 as it is
     assert conds["vaf=0.3@1-2"]["share_per_layer"][0] == pytest.approx(conds["none"]["share_per_layer"][0])
     assert abs(conds["vaf=0.3@1-2"]["share_per_layer"][1] - conds["none"]["share_per_layer"][1]) > 1e-5
@@ -259,9 +262,10 @@ def test_unreadable_image_at_run_time_is_an_error_entry():
     (["--data", "BAD"], "dataset BAD: no usable records (2 skipped: line 1: broken JSON"),
     (["--model", "/nonexistent/ckpt"], "model 'ckpt': no such checkpoint directory: /nonexistent/ckpt"),
     (["--model", "a=embedded", "--model", "a=embedded"], "models: the name(s) ['a'] are used twice"),
-    (["--interventions", "vaf:0.2@2-9"], "intervention 'vaf=0.2@2-9': model 'embedded' has layers 0..3, the "
-                                         "intervention steers 2..9"),
-    (["--interventions", "pai:0.2@4-"], "intervention 'pai=0.2@4-': model 'embedded' has layers 0..3"),
+    (["--interventions", "vaf:0.2@2-9"], f"intervention 'vaf=0.2@2-9': model 'embedded' has layers 0..{LAYERS - 1}, "
+                                         "the intervention steers 2..9"),
+    (["--interventions", f"pai:0.2@{LAYERS}-"], f"intervention 'pai=0.2@{LAYERS}-': model 'embedded' has layers "
+                                                f"0..{LAYERS - 1}"),
     (["--interventions", "boost:2"], "intervention 'boost:2': expected none or KIND:STRENGTH"),
     (["--interventions", "vaf:x"], "intervention 'vaf:x': strength 'x' is not a number"),
     (["--report-only"], "no run.json (not an evaluation folder)"),
