@@ -35,7 +35,6 @@ from .fwd import (
     TUNE_KEY,
     _col_ranges,
     _dot_onehot,
-    _head_table,
     _load_tile,
     _one_class,
     _phase,
@@ -149,9 +148,12 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
     qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
     # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
     q_one, a0 = _one_class(tl.load(QRUNS + q_start + m0), m0, sq, BLOCK_M)
-    MUL = _head_table(MUL, h, C, HAS_MUL)
-    ABS = _head_table(ABS, h, C, HAS_ABS)
-    ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_MUL:  # the [C, C] slice of head h
+        MUL += h * C * C
+    if HAS_ABS:  # the [C, C] slice of head h
+        ABS += h * C * C
+    if HAS_ADD:  # the [C, C] slice of head h
+        ADD += h * C * C
     qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
     DKM_h = DKM + h * stride_dkmh
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
@@ -243,9 +245,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
     lo, nA, startB, nB, startC, nC = _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK_M, HAS_WL, HAS_WR)
     for g in range(GROUP):
         h = hk * GROUP + g
-        MUL_h = _head_table(MUL, h, C, HAS_MUL)
-        ABS_h = _head_table(ABS, h, C, HAS_ABS)
-        ADD_h = _head_table(ADD, h, C, HAS_ADD)
+        MUL_h = MUL
+        if HAS_MUL:  # the [C, C] slice of head h
+            MUL_h += h * C * C
+        ABS_h = ABS
+        if HAS_ABS:  # the [C, C] slice of head h
+            ABS_h += h * C * C
+        ADD_h = ADD
+        if HAS_ADD:  # the [C, C] slice of head h
+            ADD_h += h * C * C
         Q_h = Q + h * stride_qh
         DO_h = DO + h * stride_doh
         if HAS_DKM:  # this key block's dKM rows for head h: [BLOCK_N, CP]
@@ -385,9 +393,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
                          other=0.0)  # [BLOCK_M, CP]
     if HAS_RW or HAS_DKM:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
-    MUL = _head_table(MUL, h, C, HAS_MUL)
-    ABS = _head_table(ABS, h, C, HAS_ABS)
-    ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_MUL:  # the [C, C] slice of head h
+        MUL += h * C * C
+    if HAS_ABS:  # the [C, C] slice of head h
+        ABS += h * C * C
+    if HAS_ADD:  # the [C, C] slice of head h
+        ADD += h * C * C
     qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
     if HAS_DKM:  # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
         DKM_h = DKM + h * stride_dkmh

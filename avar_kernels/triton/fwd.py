@@ -80,14 +80,6 @@ FEATURE_FLAGS = {
 # ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _head_table(T, h, C: tl.constexpr, HAS: tl.constexpr):
-    """The [C, C] slice of head h of a [H, C, C] table (None stays None)."""
-    if HAS:
-        T += h * C * C
-    return T
-
-
-@triton.jit
 def _table_tile(T, q_off, qmask, kcls, C: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """T[qclass(i), kclass(j)] of a key block with several classes as a [rows, keys] tile ([keys, rows] if
     KEYS_FIRST), from q_off = qclass(i) * C: one entry per row and class, spread by C selects (no per-score
@@ -348,9 +340,12 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
     q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
     if HAS_RW:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
-    MUL = _head_table(MUL, h, C, HAS_MUL)
-    ABS = _head_table(ABS, h, C, HAS_ABS)
-    ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_MUL:  # the [C, C] slice of head h
+        MUL += h * C * C
+    if HAS_ABS:  # the [C, C] slice of head h
+        ABS += h * C * C
+    if HAS_ADD:  # the [C, C] slice of head h
+        ADD += h * C * C
     qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
 
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
@@ -461,9 +456,12 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, AB
         one_class, c0 = _one_class(tl.load(RUNS + k_start + n0), n0, sk, BLOCK_N)
     else:
         kcls, one_class, c0 = None, None, None  # read by _scores only with tables
-    MUL = _head_table(MUL, h, C, HAS_MUL)
-    ABS = _head_table(ABS, h, C, HAS_ABS)
-    ADD = _head_table(ADD, h, C, HAS_ADD)
+    if HAS_MUL:  # the [C, C] slice of head h
+        MUL += h * C * C
+    if HAS_ABS:  # the [C, C] slice of head h
+        ABS += h * C * C
+    if HAS_ADD:  # the [C, C] slice of head h
+        ADD += h * C * C
     Q_h = Q + h * stride_qh
     LSE_h = LSE + h * stride_lh + q_start
 
