@@ -124,7 +124,13 @@ def compile_one(job):
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(jit, signature, constexprs, attrs), target=target, options=options)
     except Exception as exc:  # a config ptxas rejects is a finding, not a crash of the report
-        return dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
+        root = exc
+        while root.__cause__ is not None:  # a CompilationError wraps the helper's own error
+            root = root.__cause__
+        if os.environ.get("AOT_VERBOSE"):
+            print(f"{name} {(block_m, block_n, num_warps, num_stages)} sm_{arch}: {exc}\n{root}", file=sys.stderr)
+        message = next((line for line in reversed(str(root).splitlines()) if line.strip()), "")
+        return dict(error=f"{type(root).__name__}: {message[:80]}")
     row = dict(seconds=time.perf_counter() - start, smem=compiled.metadata.shared)
     text = log.getvalue()
     for key, pattern in _PTXAS:

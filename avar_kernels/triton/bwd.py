@@ -38,10 +38,9 @@ from .fwd import (
     _load_tile,
     _one_class,
     _phase,
-    _row_entries,
     _row_ranges,
     _scores,
-    _table_tile,
+    _spread,
     class_runs,
     dot_precision,
     launch_blocks,
@@ -87,29 +86,58 @@ def _add_dkm(acc, dkm, qcls, offs_c, C: tl.constexpr, KEYS_FIRST: tl.constexpr, 
 
 
 @triton.jit
-def _reweight_grad(ds, s, q_off, qmask, kcls, MUL, ABS, C: tl.constexpr, KEYS_FIRST: tl.constexpr,
-                   HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
-    """dZ = dZ' (1 + MUL + ABS sign(s)) on a key block with several classes (table tiles as in _reweight); ADD has
-    no effect on the slope."""
+def _slope(ds, t, mul_t, abs_t, abs_sign, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
+    """dZ = dZ' (1 + MUL + ABS sign(s)) from the raw products t (s = t * qk_scale, sign(s) = sign(t) * abs_sign)
+    and the table tiles of _scores; ADD has no effect on the slope."""
     fac = 1.0
     if HAS_MUL:
-        fac += _table_tile(MUL, q_off, qmask, kcls, C, KEYS_FIRST)
+        fac = fac + mul_t
     if HAS_ABS:
-        sgn = tl.where(s > 0, 1.0, tl.where(s < 0, -1.0, 0.0))
-        fac += _table_tile(ABS, q_off, qmask, kcls, C, KEYS_FIRST) * sgn
+        fac = fac + abs_t * tl.where(t > 0, abs_sign, tl.where(t < 0, -abs_sign, 0.0))
     return ds * fac
 
 
 @triton.jit
-def _slope_bcast(t, f_mul, f_abs_signed, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr):
-    """1 + MUL + ABS sign(s) of a one-class key block, from raw products t (s = t * qk_scale) and table entries
-    broadcast along the keys; f_abs_signed = ABS * sign(qk_scale)."""
-    fac = 1.0
-    if HAS_MUL:
-        fac = fac + f_mul
-    if HAS_ABS:
-        fac = fac + tl.where(t > 0, f_abs_signed, tl.where(t < 0, -f_abs_signed, 0.0))
-    return fac
+def _dmass_tile(dm_rows, rows, rmask, one_class, c0, KCLS, k_start, cols, sk, kcls, offs_c, C: tl.constexpr,
+                KEYS_FIRST: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr):
+    """dmass[i, kclass(j)] (the masses' share of dP) as a [rows, keys] tile ([keys, rows] if KEYS_FIRST); dm_rows:
+    per row, the start of its dmass row. A key block of one class c0 spreads the column dmass[:, c0]; else a
+    product onehot(key class) x dmass^T (MASS_DOT; dmass's bf16 halves, see _dot_onehot) or C selects, from the key
+    classes kcls [keys] if KEYS_FIRST, else loaded here. Built apart from dP, as _table_tiles (triton 3.6)."""
+    if one_class:
+        tile = _spread(tl.load(dm_rows + c0, mask=rmask, other=0.0), cols, KEYS_FIRST)
+    else:
+        key_cls = kcls if KEYS_FIRST else tl.load(KCLS + k_start + cols, mask=cols < sk, other=0)  # [keys]
+        tile = _spread(tl.zeros_like(rows).to(tl.float32), cols, KEYS_FIRST)
+        if MASS_DOT:
+            dm = tl.load(dm_rows[:, None] + offs_c[None, :], mask=rmask[:, None] & (offs_c[None, :] < C),
+                         other=0.0)  # [rows, CP]
+            onehot = key_cls[:, None] == offs_c[None, :]  # [keys, CP]
+            if KEYS_FIRST:
+                tile = _dot_onehot(tl.trans(dm), onehot, tile, False, PREC)
+            else:
+                tile = _dot_onehot(dm, tl.trans(onehot), tile, True, PREC)
+        else:
+            for c in tl.static_range(C):
+                dmc = tl.load(dm_rows + c, mask=rmask, other=0.0)  # [rows]
+                if KEYS_FIRST:
+                    tile += tl.where(key_cls[:, None] == c, dmc[None, :], 0.0)
+                else:
+                    tile += tl.where(key_cls[None, :] == c, dmc[:, None], 0.0)
+    return tile
+
+
+@triton.jit
+def _dkm_tile(acc, q_one, a0, dkm, qcls, offs_c, C: tl.constexpr, KEYS_FIRST: tl.constexpr, MASS_DOT: tl.constexpr,
+              PREC: tl.constexpr):
+    """acc + dKM[j, qclass(i)] (the key masses' share of dP) from the keys' dKM rows dkm [keys, CP]: a block of one
+    query class a0 (q_one) adds the column dKM[:, a0], else _add_dkm. acc is never a product's result (triton 3.6,
+    see _table_tiles)."""
+    if q_one:
+        acc += _spread(tl.sum(tl.where(offs_c[None, :] == a0, dkm, 0.0), 1), qcls, not KEYS_FIRST)
+    else:
+        acc = _add_dkm(acc, dkm, qcls, offs_c, C, KEYS_FIRST, MASS_DOT, PREC)
+    return acc
 
 
 @triton.heuristics(FEATURE_FLAGS)
@@ -148,13 +176,7 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
     qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
     # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
     q_one, a0 = _one_class(tl.load(QRUNS + q_start + m0), m0, sq, BLOCK_M)
-    if HAS_MUL:  # the [C, C] slice of head h
-        MUL += h * C * C
-    if HAS_ABS:  # the [C, C] slice of head h
-        ABS += h * C * C
-    if HAS_ADD:  # the [C, C] slice of head h
-        ADD += h * C * C
-    qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
+    qcls_row = h * C * C + qcls * C if HAS_RW else None  # [BLOCK_M] per row, its table row (head h's [C, C] slice)
     DKM_h = DKM + h * stride_dkmh
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
 
@@ -177,9 +199,9 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
                     run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
                 else:
                     one_class, c0 = None, None  # read by _scores only with tables
-                _, z = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class, c0,
-                               KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
-                               HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                _, z, _, _ = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class,
+                                     c0, KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
+                                     HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 if q_one:
                     col = tl.load(DKM_h + (k_start + cols).to(tl.int64) * C + a0, mask=kmask, other=0.0)  # [BLOCK_N]
@@ -245,15 +267,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
     lo, nA, startB, nB, startC, nC = _col_ranges(n0, n_last, sq, sk, wl, wr, BLOCK_M, HAS_WL, HAS_WR)
     for g in range(GROUP):
         h = hk * GROUP + g
-        MUL_h = MUL
-        if HAS_MUL:  # the [C, C] slice of head h
-            MUL_h += h * C * C
-        ABS_h = ABS
-        if HAS_ABS:  # the [C, C] slice of head h
-            ABS_h += h * C * C
-        ADD_h = ADD
-        if HAS_ADD:  # the [C, C] slice of head h
-            ADD_h += h * C * C
         Q_h = Q + h * stride_qh
         DO_h = DO + h * stride_doh
         if HAS_DKM:  # this key block's dKM rows for head h: [BLOCK_N, CP]
@@ -276,38 +289,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
                     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, rows, rmask)
                     if HAS_RW or HAS_DKM:
                         qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
-                    q_off = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
-                    tT, zT = _scores(k, q, qk_scale, rows, offs_n, sq, sk, wl, wr, q_off, rmask, one_class, c0, KCLS,
-                                     k_start, kcls, MUL_h, ABS_h, ADD_h, C, True, masked, HAS_RW, HAS_MUL, HAS_ABS,
-                                     HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_N, BLOCK_M]
+                    q_off = h * C * C + qcls * C if HAS_RW else None  # [BLOCK_M] per row, its table row
+                    tT, zT, mul_t, abs_t = _scores(k, q, qk_scale, rows, offs_n, sq, sk, wl, wr, q_off, rmask,
+                                                   one_class, c0, KCLS, k_start, kcls, MUL, ABS, ADD, C, True, masked,
+                                                   HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
+                                                   PREC)  # [BLOCK_N, BLOCK_M]
                     pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                     dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
                     dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # [BLOCK_N, BLOCK_M]
-                    if HAS_DKM:  # + dKM[j, qclass(i)]; a query block of one class a0 adds the column dKM[:, a0]
-                        r0 = start + b * BLOCK_M
-                        q_one, a0 = _one_class(tl.load(QRUNS + q_start + r0), r0, sq, BLOCK_M)
-                        if q_one:
-                            dpT += tl.sum(tl.where(offs_c[None, :] == a0, dkm, 0.0), 1)[:, None]
-                        else:
-                            dpT = _add_dkm(dpT, dkm, qcls, offs_c, C, True, MASS_DOT, PREC)
-                    if HAS_CLASSES:
+                    if HAS_CLASSES:  # + dmass[i, class(j)] (+ dKM[j, qclass(i)]), a tile built apart from dP
                         dm_rows = DMASS + h * stride_dmh + g_rows * C  # [BLOCK_M] row starts of dmass
-                        if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
-                            dm_c0 = tl.load(dm_rows + c0, mask=rmask, other=0.0)
-                            dzT = pT * (dpT - (di - dm_c0)[None, :])
-                        else:
-                            if MASS_DOT:
-                                dm = tl.load(dm_rows[:, None] + offs_c[None, :],
-                                             mask=rmask[:, None] & (offs_c[None, :] < C), other=0.0)  # [BLOCK_M, CP]
-                                onehot = kcls[:, None] == offs_c[None, :]  # [BLOCK_N, CP]
-                                dpT = _dot_onehot(tl.trans(dm), onehot, dpT, False, PREC)
-                            else:
-                                for c in tl.static_range(C):
-                                    dmc = tl.load(dm_rows + c, mask=rmask, other=0.0)
-                                    dpT += tl.where(kcls[:, None] == c, dmc[None, :], 0.0)
-                            dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
-                    else:
-                        dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
+                        extra = _dmass_tile(dm_rows, rows, rmask, one_class, c0, KCLS, k_start, offs_n, sk, kcls,
+                                            offs_c, C, True, MASS_DOT, PREC)  # [BLOCK_N, BLOCK_M]
+                        if HAS_DKM:
+                            r0 = start + b * BLOCK_M
+                            q_one, a0 = _one_class(tl.load(QRUNS + q_start + r0), r0, sq, BLOCK_M)
+                            extra = _dkm_tile(extra, q_one, a0, dkm, qcls, offs_c, C, True, MASS_DOT, PREC)
+                        dpT += extra
+                    dzT = pT * (dpT - di[None, :])  # [BLOCK_N, BLOCK_M]
                     if WANT_TG:
                         # table gradients: per key j and query class a, sum_i dZ'_ji [* z_ji | * |z_ji|] over
                         # class(i) = a (a small product with onehot(query class)); reduced over key classes below
@@ -319,16 +318,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
                             tabs = _dot_onehot(dzT * tl.abs(sT), onehot_q, tabs, True, PREC)
                         if WANT_DADD:
                             tadd = _dot_onehot(dzT, onehot_q, tadd, True, PREC)
-                    if HAS_RW:
-                        if one_class:  # table entries (query class, c0) per query row, broadcast along the keys
-                            f_mul, f_abs, _ = _row_entries(MUL_h, ABS_h, ADD_h, q_off + c0, rmask, True, HAS_MUL,
-                                                           HAS_ABS, False)
-                            dsT = dzT * _slope_bcast(tT, f_mul, f_abs * abs_sign, HAS_MUL, HAS_ABS)
-                        else:
-                            dsT = _reweight_grad(dzT, tT * qk_scale, q_off, rmask, kcls, MUL_h, ABS_h, C, True,
-                                                 HAS_MUL, HAS_ABS)
-                    else:
-                        dsT = dzT
+                    dsT = _slope(dzT, tT, mul_t, abs_t, abs_sign, HAS_MUL, HAS_ABS) if HAS_RW else dzT
                     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=PREC)
         if WANT_TG:
             # reduce over this block's keys per key class: [CLASS_TILE query classes, CLASS_TILE key classes] per
@@ -388,19 +378,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
     lse2, di = _row_stats(LSE + h * stride_lh + q_start, DELTA + h * stride_lh + q_start, offs_m, mask_m)
     if HAS_CLASSES:
         dm_rows = DMASS + h * stride_dmh + q_rows * C  # [BLOCK_M] row starts of dmass
-        if MASS_DOT:
-            dm = tl.load(dm_rows[:, None] + offs_c[None, :], mask=mask_m[:, None] & (offs_c[None, :] < C),
-                         other=0.0)  # [BLOCK_M, CP]
     if HAS_RW or HAS_DKM:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
-    if HAS_MUL:  # the [C, C] slice of head h
-        MUL += h * C * C
-    if HAS_ABS:  # the [C, C] slice of head h
-        ABS += h * C * C
-    if HAS_ADD:  # the [C, C] slice of head h
-        ADD += h * C * C
-    qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
-    if HAS_DKM:  # a block of one query class a0 reads the column dKM[:, a0] (no one-hot product)
+    qcls_row = h * C * C + qcls * C if HAS_RW else None  # [BLOCK_M] per row, its table row (head h's [C, C] slice)
+    if HAS_DKM:  # a block of one query class a0 takes the column dKM[:, a0] (no one-hot product)
         DKM_h = DKM + h * stride_dkmh
         q_one, a0 = _one_class(tl.load(QRUNS + q_start + m0), m0, sq, BLOCK_M)
     abs_sign = tl.where(qk_scale > 0, 1.0, tl.where(qk_scale < 0, -1.0, 0.0))
@@ -428,39 +409,22 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
                     run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
                 else:
                     one_class, c0 = None, None  # read by _scores only with tables
-                t, z = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class, c0,
-                               KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
-                               HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                t, z, mul_t, abs_t = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m,
+                                             one_class, c0, KCLS, k_start, None, MUL, ABS, ADD, C, False, masked,
+                                             HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR,
+                                             PREC)  # [BLOCK_M, BLOCK_N]
                 p = tl.math.exp2(z - lse2[:, None])  # [BLOCK_M, BLOCK_N]
                 dp = tl.dot(do, tl.trans(v), input_precision=PREC)  # [BLOCK_M, BLOCK_N]
-                if HAS_DKM:  # + dKM[j, qclass(i)] from the key block's dKM rows [BLOCK_N, CP]
-                    if q_one:
-                        dp += tl.load(DKM_h + (k_start + cols).to(tl.int64) * C + a0, mask=kmask, other=0.0)[None, :]
-                    else:
-                        dp = _add_dkm(dp, _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C), qcls, offs_c, C, False,
-                                      MASS_DOT, PREC)
-                if HAS_CLASSES:
-                    if one_class:  # dmass[i, c0] is a per-row constant: it folds into delta
-                        ds = p * (dp - (di - tl.load(dm_rows + c0, mask=mask_m, other=0.0))[:, None])
-                        if HAS_RW:
-                            f_mul, f_abs, _ = _row_entries(MUL, ABS, ADD, qcls_row + c0, mask_m, False, HAS_MUL,
-                                                           HAS_ABS, False)
-                            ds = ds * _slope_bcast(t, f_mul, f_abs * abs_sign, HAS_MUL, HAS_ABS)
-                    else:
-                        kcls = tl.load(KCLS + k_start + cols, mask=kmask, other=0)  # [BLOCK_N]
-                        if MASS_DOT:
-                            onehot = kcls[:, None] == offs_c[None, :]  # [BLOCK_N, CP]
-                            dp = _dot_onehot(dm, tl.trans(onehot), dp, True, PREC)
-                        else:
-                            for c in tl.static_range(C):
-                                dmc = tl.load(dm_rows + c, mask=mask_m, other=0.0)
-                                dp += tl.where(kcls[None, :] == c, dmc[:, None], 0.0)
-                        ds = p * (dp - di[:, None])
-                        if HAS_RW:
-                            ds = _reweight_grad(ds, t * qk_scale, qcls_row, mask_m, kcls, MUL, ABS, C, False, HAS_MUL,
-                                                HAS_ABS)
-                else:
-                    ds = p * (dp - di[:, None])
+                if HAS_CLASSES:  # + dmass[i, class(j)] (+ dKM[j, qclass(i)]), a tile built apart from dP
+                    extra = _dmass_tile(dm_rows, offs_m, mask_m, one_class, c0, KCLS, k_start, cols, sk, None, offs_c,
+                                        C, False, MASS_DOT, PREC)  # [BLOCK_M, BLOCK_N]
+                    if HAS_DKM:
+                        dkm = _load_dkm(DKM_h, k_start + cols, kmask, offs_c, C)  # [BLOCK_N, CP]
+                        extra = _dkm_tile(extra, q_one, a0, dkm, qcls, offs_c, C, False, MASS_DOT, PREC)
+                    dp += extra
+                ds = p * (dp - di[:, None])
+                if HAS_RW:
+                    ds = _slope(ds, t, mul_t, abs_t, abs_sign, HAS_MUL, HAS_ABS)
                 dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
     tl.store(DQ + q_rows[:, None] * stride_dqt + h * stride_dqh + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])

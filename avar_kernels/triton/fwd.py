@@ -82,7 +82,7 @@ FEATURE_FLAGS = {
 @triton.jit
 def _table_tile(T, q_off, qmask, kcls, C: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """T[qclass(i), kclass(j)] of a key block with several classes as a [rows, keys] tile ([keys, rows] if
-    KEYS_FIRST), from q_off = qclass(i) * C: one entry per row and class, spread by C selects (no per-score
+    KEYS_FIRST), from q_off = the offset of each row's table row: one entry per row and class, spread by C selects (no per-score
     lookup, so the tile keeps the scores' register layout)."""
     for c in tl.static_range(C):
         entry = tl.load(T + q_off + c, mask=qmask, other=0.0)  # [rows]
@@ -97,20 +97,6 @@ def _table_tile(T, q_off, qmask, kcls, C: tl.constexpr, KEYS_FIRST: tl.constexpr
         else:
             tile = tl.where(hit, entry, tile)
     return tile
-
-
-@triton.jit
-def _reweight(s, q_off, qmask, kcls, MUL, ABS, ADD, C: tl.constexpr, KEYS_FIRST: tl.constexpr, HAS_MUL: tl.constexpr,
-              HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
-    """z' in log2 units of the scores s (log2 units) of a key block with several classes (see _table_tile)."""
-    z = s
-    if HAS_MUL:
-        z += s * _table_tile(MUL, q_off, qmask, kcls, C, KEYS_FIRST)
-    if HAS_ABS:
-        z += tl.abs(s) * _table_tile(ABS, q_off, qmask, kcls, C, KEYS_FIRST)
-    if HAS_ADD:
-        z += _table_tile(ADD, q_off, qmask, kcls, C, KEYS_FIRST) * LOG2E
-    return z
 
 
 @triton.jit
@@ -213,31 +199,45 @@ def _one_class(run, j0, sk, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_entries(MUL, ABS, ADD, idx, rmask, KEYS_FIRST: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr,
-                 HAS_ADD: tl.constexpr):
-    """Each present table's entry at the flat offsets idx (one per query row), as [rows, 1] ([1, rows] if
-    KEYS_FIRST), broadcast along the keys; 0.0 if absent."""
-    key_axis: tl.constexpr = 0 if KEYS_FIRST else 1
-    f_mul = tl.expand_dims(tl.load(MUL + idx, mask=rmask, other=0.0), key_axis) if HAS_MUL else 0.0
-    f_abs = tl.expand_dims(tl.load(ABS + idx, mask=rmask, other=0.0), key_axis) if HAS_ABS else 0.0
-    f_add = tl.expand_dims(tl.load(ADD + idx, mask=rmask, other=0.0), key_axis) if HAS_ADD else 0.0
-    return f_mul, f_abs, f_add
+def _spread(entry, other, TRANSPOSED: tl.constexpr):
+    """entry [a] repeated along the indices other [b]: an [a, b] tile ([b, a] if TRANSPOSED)."""
+    zero = tl.zeros_like(other).to(tl.float32)  # [b]
+    if TRANSPOSED:
+        tile = zero[:, None] + entry[None, :]
+    else:
+        tile = entry[:, None] + zero[None, :]
+    return tile
 
 
 @triton.jit
-def _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr,
-                    HAS_ADD: tl.constexpr):
-    """z' in log2 units from raw products t = <q, k> of a one-class key block: the table entries f_* are the same
-    along the keys (broadcast over them), so they fold into the scale; ABS costs one multiply-add per score."""
-    if HAS_MUL:
-        z = t * (qk_scale * (1.0 + f_mul))
+def _table_tiles(q_off, qmask, one_class, c0, KCLS, k_start, cols, sk, kcls, MUL, ABS, ADD, C: tl.constexpr,
+                 KEYS_FIRST: tl.constexpr, HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr):
+    """Tiles of T[qclass(i), kclass(j)] for the present tables (MUL, ABS, ADD; 0.0 for an absent one) over a key
+    block, [rows, keys] ([keys, rows] if KEYS_FIRST). q_off: per row, the offset of its table row (head and query
+    class). A block of one key class c0 (one_class) spreads one entry per row; else _table_tile, from the key
+    classes kcls [keys] if KEYS_FIRST (the program's own block) or loaded here from KCLS + k_start + cols.
+    The branch reads no score: triton 3.6's pipeliner rejects a branch on a product's result whose value feeds
+    another product (the scores feed P V), so the tiles are built apart and applied after."""
+    zero = _spread(tl.zeros_like(q_off).to(tl.float32), cols, KEYS_FIRST)  # the tiles' type, for both branches
+    mul_t = zero if HAS_MUL else 0.0
+    abs_t = zero if HAS_ABS else 0.0
+    add_t = zero if HAS_ADD else 0.0
+    if one_class:
+        if HAS_MUL:
+            mul_t = _spread(tl.load(MUL + q_off + c0, mask=qmask, other=0.0), cols, KEYS_FIRST)
+        if HAS_ABS:
+            abs_t = _spread(tl.load(ABS + q_off + c0, mask=qmask, other=0.0), cols, KEYS_FIRST)
+        if HAS_ADD:
+            add_t = _spread(tl.load(ADD + q_off + c0, mask=qmask, other=0.0), cols, KEYS_FIRST)
     else:
-        z = t * qk_scale
-    if HAS_ABS:
-        z += tl.abs(t) * (qk_scale * f_abs)
-    if HAS_ADD:
-        z += f_add * LOG2E
-    return z
+        key_cls = kcls if KEYS_FIRST else tl.load(KCLS + k_start + cols, mask=cols < sk, other=0)  # [keys]
+        if HAS_MUL:
+            mul_t = _table_tile(MUL, q_off, qmask, key_cls, C, KEYS_FIRST)
+        if HAS_ABS:
+            abs_t = _table_tile(ABS, q_off, qmask, key_cls, C, KEYS_FIRST)
+        if HAS_ADD:
+            add_t = _table_tile(ADD, q_off, qmask, key_cls, C, KEYS_FIRST)
+    return mul_t, abs_t, add_t
 
 
 @triton.jit
@@ -245,30 +245,30 @@ def _scores(a, b, qk_scale, rows, cols, sq, sk, wl, wr, q_off, qmask, one_class,
             ADD, C: tl.constexpr, KEYS_FIRST: tl.constexpr, MASKED: tl.constexpr, HAS_RW: tl.constexpr,
             HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr, HAS_WL: tl.constexpr,
             HAS_WR: tl.constexpr, PREC: tl.constexpr):
-    """(t, z') of a block: the raw products t = <q, k> (the backward's slopes reuse them) and the scores z' in log2
-    units, re-weighted and masked, as [rows, keys] tiles from a = q, b = k ([keys, rows] from a = k, b = q if
-    KEYS_FIRST, in the key-major kernels). rows, cols: local query and key indices; q_off = qclass(i) * C per row.
-    A key block of one class c0 (one_class) takes per-row table entries broadcast along the keys; else the key
-    classes: kcls [keys] if KEYS_FIRST (the program's own key block, loaded once), else loaded here from
-    KCLS + k_start + cols (most blocks have one class, so most never load them).
-    The class and table arguments are read only with HAS_RW (None otherwise)."""
+    """(t, z', mul_t, abs_t) of a block: the raw products t = <q, k> (the backward's slopes reuse them), the scores
+    z' = s + MUL s + ABS |s| + ADD in log2 units (s = t * qk_scale), masked, as [rows, keys] tiles from a = q,
+    b = k ([keys, rows] from a = k, b = q if KEYS_FIRST, in the key-major kernels), and the MUL and ABS tiles of
+    _table_tiles (0.0 if absent). rows, cols: local query and key indices; q_off: per row, the offset of its table
+    row. The class and table arguments are read only with HAS_RW (None otherwise)."""
     t = tl.dot(a, tl.trans(b), input_precision=PREC)
+    s = t * qk_scale
+    z = s
+    mul_t = 0.0
+    abs_t = 0.0
     if HAS_RW:
-        if one_class:
-            f_mul, f_abs, f_add = _row_entries(MUL, ABS, ADD, q_off + c0, qmask, KEYS_FIRST, HAS_MUL, HAS_ABS,
-                                               HAS_ADD)
-            z = _reweight_bcast(t, qk_scale, f_mul, f_abs, f_add, HAS_MUL, HAS_ABS, HAS_ADD)
-        else:
-            key_cls = kcls if KEYS_FIRST else tl.load(KCLS + k_start + cols, mask=cols < sk, other=0)  # [keys]
-            z = _reweight(t * qk_scale, q_off, qmask, key_cls, MUL, ABS, ADD, C, KEYS_FIRST, HAS_MUL, HAS_ABS,
-                          HAS_ADD)
-    else:
-        z = t * qk_scale
+        mul_t, abs_t, add_t = _table_tiles(q_off, qmask, one_class, c0, KCLS, k_start, cols, sk, kcls, MUL, ABS, ADD,
+                                           C, KEYS_FIRST, HAS_MUL, HAS_ABS, HAS_ADD)
+        if HAS_MUL:
+            z += s * mul_t
+        if HAS_ABS:
+            z += tl.abs(s) * abs_t
+        if HAS_ADD:
+            z += add_t * LOG2E
     if KEYS_FIRST:
         z = _mask_scores(z, rows[None, :], cols[:, None], sq, sk, wl, wr, MASKED, HAS_WL, HAS_WR)
     else:
         z = _mask_scores(z, rows[:, None], cols[None, :], sq, sk, wl, wr, MASKED, HAS_WL, HAS_WR)
-    return t, z
+    return t, z, mul_t, abs_t
 
 
 @triton.jit
@@ -340,13 +340,7 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
     q = _load_tile(Q + h * stride_qh, q_rows, stride_qt, mask_m, offs_d, True, HEAD_DIM, BLOCK_D)  # [BLOCK_M, BLOCK_D]
     if HAS_RW:
         qcls = tl.load(QCLS + q_start + offs_m, mask=mask_m, other=0)  # [BLOCK_M]
-    if HAS_MUL:  # the [C, C] slice of head h
-        MUL += h * C * C
-    if HAS_ABS:  # the [C, C] slice of head h
-        ABS += h * C * C
-    if HAS_ADD:  # the [C, C] slice of head h
-        ADD += h * C * C
-    qcls_row = qcls * C if HAS_RW else None  # [BLOCK_M] offsets of each query row's table row
+    qcls_row = h * C * C + qcls * C if HAS_RW else None  # [BLOCK_M] per row, its table row (head h's [C, C] slice)
 
     K_base = K + k_start.to(tl.int64) * stride_kt + hk * stride_kh
     V_base = V + k_start.to(tl.int64) * stride_vt + hk * stride_vh
@@ -374,9 +368,9 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
                     run = tl.load(RUNS + k_start + j0 + BLOCK_N, mask=j0 + BLOCK_N < sk, other=0)
                 else:
                     one_class, c0 = None, None  # read by _scores only with tables
-                _, z = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class, c0,
-                               KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
-                               HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
+                _, z, _, _ = _scores(q, k, qk_scale, offs_m, cols, sq, sk, wl, wr, qcls_row, mask_m, one_class,
+                                     c0, KCLS, k_start, None, MUL, ABS, ADD, C, False, masked, HAS_RW, HAS_MUL,
+                                     HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_M, BLOCK_N]
                 m_new = tl.maximum(m_i, tl.max(z, 1))
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
                 p = tl.math.exp2(z - m_safe[:, None])  # [BLOCK_M, BLOCK_N]
@@ -456,12 +450,6 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, AB
         one_class, c0 = _one_class(tl.load(RUNS + k_start + n0), n0, sk, BLOCK_N)
     else:
         kcls, one_class, c0 = None, None, None  # read by _scores only with tables
-    if HAS_MUL:  # the [C, C] slice of head h
-        MUL += h * C * C
-    if HAS_ABS:  # the [C, C] slice of head h
-        ABS += h * C * C
-    if HAS_ADD:  # the [C, C] slice of head h
-        ADD += h * C * C
     Q_h = Q + h * stride_qh
     LSE_h = LSE + h * stride_lh + q_start
 
@@ -483,9 +471,9 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, AB
                 # rows without keys (and padding rows) get lse = +inf in log2 units: P = 0, no NaN
                 lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)  # [BLOCK_M]
                 qcls = tl.load(QCLS + q_start + rows, mask=rmask, other=0)  # [BLOCK_M]
-                _, zT = _scores(k, q, qk_scale, rows, offs_n, sq, sk, wl, wr, qcls * C, rmask, one_class, c0, KCLS,
-                                k_start, kcls, MUL, ABS, ADD, C, True, masked, HAS_RW, HAS_MUL, HAS_ABS, HAS_ADD,
-                                HAS_WL, HAS_WR, PREC)  # [BLOCK_N, BLOCK_M]
+                _, zT, _, _ = _scores(k, q, qk_scale, rows, offs_n, sq, sk, wl, wr, h * C * C + qcls * C, rmask,
+                                      one_class, c0, KCLS, k_start, kcls, MUL, ABS, ADD, C, True, masked, HAS_RW,
+                                      HAS_MUL, HAS_ABS, HAS_ADD, HAS_WL, HAS_WR, PREC)  # [BLOCK_N, BLOCK_M]
                 pT = tl.math.exp2(zT - lse2[None, :])  # [BLOCK_N, BLOCK_M]
                 if q_one:  # one query class: the whole row sum goes to a0's column
                     km += tl.where(offs_c[None, :] == a0, tl.sum(pT, 1)[:, None], 0.0)
