@@ -143,23 +143,31 @@ def compile_one(job):
     return row
 
 
+def add_rows(work, keys, name, kwargs, dim, variant, archs, rows, first):
+    """Queue the compiles of one recorded launch: each config of its list (or `rows`) on each architecture."""
+    shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
+             any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
+    has_km = name in ("dq", "dkdv") and kwargs.get("DKM") is not None
+    for cfg in rows or triton_configs.candidate_rows(name, *shape, has_km)[:first]:
+        for arch in archs:
+            keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg, block_d=shape[0],
+                             elem=kwargs["Q"].element_size(), has_classes=shape[2], has_rw=shape[3], has_km=has_km))
+            work.append((name, cfg, kwargs, arch))
+
+
 def collect(archs, dims, kernels, variants, jobs, rows=None, first=None):
     work, keys = [], []
     for dim in dims:
         for variant in variants:
-            for kernel, kwargs in record_launches(dim, variant):
+            for kernel, launched in record_launches(dim, variant):
                 name = KERNEL_NAMES[kernel.fn.__name__]
                 if name not in kernels:
                     continue
-                shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
-                         any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
-                has_km = name in ("dq", "dkdv") and kwargs.get("DKM") is not None
-                for cfg in rows or triton_configs.candidate_rows(name, *shape, has_km)[:first]:
-                    for arch in archs:
-                        keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg,
-                                         block_d=shape[0], elem=kwargs["Q"].element_size(), has_classes=shape[2],
-                                         has_rw=shape[3], has_km=has_km))
-                        work.append((name, cfg, kwargs, arch))
+                # a forward whose autotuner picks the formulation of the masses: a row for each
+                forms = [("", launched)] if "MASS_DOT" in launched else \
+                    [(f" ({'product' if m else 'row sums'})", {**launched, "MASS_DOT": m}) for m in (False, True)]
+                for form, kwargs in forms:
+                    add_rows(work, keys, name, kwargs, dim, variant + form, archs, rows, first)
     print(f"{len(work)} compiles", file=sys.stderr)
     rows = []
     with ProcessPoolExecutor(jobs) if jobs > 1 else contextlib.nullcontext() as pool:

@@ -24,8 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import fwd as _fwd_mod
-from .configs import dim_bucket, launch_configs, tune_count
+from .configs import dim_bucket, launch_configs, tune_count, with_mass_forms
 from .fwd import (
     CLASS_TILE,
     FEATURE_FLAGS,
@@ -44,6 +43,8 @@ from .fwd import (
     class_runs,
     dot_precision,
     launch_blocks,
+    mass_dot_choices,
+    mass_dot_value,
 )
 
 
@@ -440,12 +441,13 @@ _tuned = {}
 _KERNELS = {"dkdv": _bwd_dkdv_kernel, "dq": _bwd_dq_kernel, "kmd": _bwd_km_delta_kernel}
 
 
-def _get(kind, configs, key, want_tg=False):
+def _get(kind, configs, key, want_tg=False, choices=()):
     fn = _KERNELS[kind]
     if INTERPRET:
         return fn
-    key = (kind, want_tg) + key
+    key = (kind, want_tg, choices) + key
     if key not in _tuned:
+        configs = with_mass_forms(configs, choices)
         # The table-gradient slots a config writes depend on its BLOCK_N: the autotuner zeroes the buffer before
         # each trial and after choosing, so no trial config leaves stale slots behind.
         extra = dict(key=TUNE_KEY + ["WANT_DMUL", "WANT_DABS", "WANT_DADD"], reset_to_zero=["TG"]) if want_tg else \
@@ -505,7 +507,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
             qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
             stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
             stride_lh=lse.stride(0), stride_dkmh=dkm.stride(0),
-            GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec,
+            GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=mass_dot_value(), PREC=prec,
             **launch_blocks())
         delta = delta_km
     common = dict(
@@ -517,7 +519,11 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_dot=dout.stride(0), stride_doh=dout.stride(1),
         stride_lh=lse.stride(0), stride_dmh=dmass.stride(0) if has_classes else 0,
         stride_dkmh=dkm.stride(0) if has_dkm else 0,
-        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=_fwd_mod.MASS_DOT, PREC=prec, **launch_blocks())
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, PREC=prec, **launch_blocks())
+    # the formulation of the class terms: the autotuner's choice, else passed here
+    choices = mass_dot_choices(has_classes)
+    if not choices:
+        common["MASS_DOT"] = mass_dot_value()
 
     dkdv_configs = launch_configs("dkdv", *shape, q.device, has_km=has_dkm)
     tg, nkb = None, 1
@@ -528,13 +534,13 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         tg = torch.zeros(nseq, nkb, hq, 3, C, C, device=q.device, dtype=torch.float32)
 
     if tk > 0:
-        _get("dkdv", dkdv_configs, key, want_tg)[
+        _get("dkdv", dkdv_configs, key, want_tg, choices)[
             lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
             DK=dk, DV=dv, TG=tg, HQ=hq, NKB=nkb, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
             WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], **common)
     if tq > 0:
-        _get("dq", launch_configs("dq", *shape, q.device, has_km=has_dkm), key)[
+        _get("dq", launch_configs("dq", *shape, q.device, has_km=has_dkm), key, choices=choices)[
             lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
             DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **common)
     if table_grads is None:

@@ -123,8 +123,9 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     if kernel == "kmd":  # q held; K, dKM pipelined; onehot(query class) @ dKM halves^T
         total = bm * block_d * elem + bufs * (bn * block_d * elem + bn * CLASS_TILE.value * 4) + 8 * bm + split
         return total + relayout + (bm + 2 * bn) * CLASS_TILE.value * onehot
-    if kernel == "fwd":  # q held; K, V pipelined; p @ onehot(key class) [BLOCK_N, CLASS_TILE]
-        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout
+    if kernel == "fwd":  # q held; K, V pipelined; p @ onehot(key class) [BLOCK_N, CLASS_TILE]; row scratch (16 B
+        # per row: triton 3.6 takes 512 B more than 8 B per row at 64 x 64 with classes)
+        total = bm * block_d * elem + bufs * 2 * bn * block_d * elem + 16 * bm + split + relayout
         return total + (bn * CLASS_TILE.value * onehot if has_classes else 0)
     if kernel == "dq":  # q, dO held; K, V pipelined; dmass halves [BLOCK_M, CLASS_TILE] @ onehot^T
         total = 2 * bm * block_d * elem + bufs * 2 * bn * block_d * elem + 8 * bm + split + relayout + km
@@ -164,3 +165,13 @@ def launch_configs(kernel: str, block_d: int, prec: str, has_classes: bool, has_
         rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw, has_km)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in rows[:tune_count()]]
+
+
+def with_mass_forms(configs: list[triton.Config], choices: tuple) -> list[triton.Config]:
+    """Each config with each formulation of the class terms (MASS_DOT in `choices`, see fwd.MASS_DOT) for the
+    autotuner to time; without tuning (one config), the first formulation only."""
+    if not choices:
+        return configs
+    forms = choices if tune_count() > 1 else choices[:1]
+    return [triton.Config({**c.kwargs, "MASS_DOT": m}, num_warps=c.num_warps, num_stages=c.num_stages)
+            for c in configs for m in forms]

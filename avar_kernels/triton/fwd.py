@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .configs import CLASS_TILE, dim_bucket, launch_configs, tune_count
+from .configs import CLASS_TILE, dim_bucket, launch_configs, tune_count, with_mass_forms
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Scores live in log2 units inside the kernels: exp(x) = exp2(x * LOG2E), ln(y) = log2(y) * LN2.
@@ -40,10 +40,24 @@ LN2 = tl.constexpr(math.log(2.0))
 # before tl.dot (the same values, so the same sums up to their order).
 BF16_DOT_EMULATED = tl.constexpr(INTERPRET)
 
-# Masses: True accumulates them with a small tensor-core product p @ onehot(key class) [BLOCK_N, CLASS_TILE]
-# (the V-augmentation trick done in registers), False with C masked row reductions. Both are exact
-# formulations; the product is cheaper on tensor-core GPUs. Tests exercise both.
-MASS_DOT = True
+# How a key block of several classes adds to the masses (and the backward's class terms): True, a small tensor-core
+# product p @ onehot(key class) [BLOCK_N, CLASS_TILE] (the V-augmentation trick done in registers); False, C masked
+# row sums. Both are exact. The product is cheaper when most blocks mix classes; when classes come in runs (a VLM
+# prompt) most blocks take the one-class path, and a product inside the branch still costs every block waits and
+# fences (bench/results/aot_triton_first.md). None: on a GPU the autotuner of the forward, dQ and dK/dV times both
+# on the first launch of each shape (AVAR_TRITON_AUTOTUNE=0: the row sums); elsewhere (the interpreter, the key-mass
+# kernels), the product. Tests exercise both.
+MASS_DOT = None
+
+
+def mass_dot_choices(has_classes: bool) -> tuple:
+    """The MASS_DOT values the autotuner tries (empty: the launch passes MASS_DOT itself)."""
+    return (False, True) if has_classes and MASS_DOT is None and not INTERPRET else ()
+
+
+def mass_dot_value() -> bool:
+    """MASS_DOT as the kernels take it when no autotuner chooses (None: the product)."""
+    return True if MASS_DOT is None else bool(MASS_DOT)
 
 
 def class_pad(num_classes: int, mass_dot: bool) -> int:
@@ -509,12 +523,12 @@ def _get_km(block_d, prec, has_rw, elem, device):
     return _km_tuned[key]
 
 
-def _get_fwd(block_d, prec, has_classes, has_rw, elem, device):
+def _get_fwd(block_d, prec, has_classes, has_rw, elem, device, choices=()):
     if INTERPRET:
         return _fwd_kernel
-    key = (dim_bucket(block_d), prec, has_classes, has_rw, elem, str(device), tune_count())
+    key = (dim_bucket(block_d), prec, has_classes, has_rw, elem, str(device), tune_count(), choices)
     if key not in _fwd_tuned:
-        configs = launch_configs("fwd", block_d, prec, has_classes, has_rw, elem, device)
+        configs = with_mass_forms(launch_configs("fwd", block_d, prec, has_classes, has_rw, elem, device), choices)
         _fwd_tuned[key] = triton.autotune(configs=configs, key=TUNE_KEY)(_fwd_kernel)
     return _fwd_tuned[key]
 
@@ -564,7 +578,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     prec = dot_precision(q.dtype)
     has_classes = C > 0
     has_rw = mul is not None or abs_ is not None or add is not None
-    kern = _get_fwd(block_d, prec, has_classes, has_rw, q.element_size(), q.device)
+    choices = mass_dot_choices(has_classes)
+    kern = _get_fwd(block_d, prec, has_classes, has_rw, q.element_size(), q.device, choices)
+    # the formulation of the masses: the autotuner's choice, else passed here
+    mass_dot = {} if choices else dict(MASS_DOT=mass_dot_value())
     runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
 
     def grid(meta):
@@ -578,7 +595,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_vt=v.stride(0), stride_vh=v.stride(1), stride_ot=out.stride(0), stride_oh=out.stride(1),
         stride_lh=lse.stride(0), stride_mh=mass.stride(0),
-        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=MASS_DOT, PREC=prec, **launch_blocks())
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, PREC=prec, **mass_dot, **launch_blocks())
     if not key_mass:
         return out, lse, mass
     if not has_classes or tk == 0:
@@ -591,5 +608,5 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_lh=lse.stride(0), stride_kmh=km.stride(0),
-        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=MASS_DOT, PREC=prec, **launch_blocks())
+        GROUP=hq // hk, HEAD_DIM=d, BLOCK_D=block_d, C=C, MASS_DOT=mass_dot_value(), PREC=prec, **launch_blocks())
     return out, lse, mass, km
