@@ -41,8 +41,8 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
 
     Measured on an H200 (bf16, D=128): the forward with masses is fastest at 128 x 64, 8 warps, 3 stages. The
     other orders come from the sm_90a compile (bench/results/aot_triton.md): configs without register spills
-    first, the larger tile first among those; the autotuner (two configs by default) decides between the first
-    two on the device.
+    first, the larger tile first among those (triton 3.6, the GPU image's); the autotuner decides between the
+    first two on the device (with classes, each in both formulations of the class terms, fwd.MASS_DOT).
     """
     dim = dim_bucket(block_d)
     if kernel == "km":  # the dK/dV shape without V and dO: q and lse pipelined, one product of P^T with onehot
@@ -86,8 +86,9 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
     if dim <= 64:
         return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
     if dim <= 128:
-        if has_rw:
-            return [(64, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3)]
+        if has_rw:  # triton 3.6, sm_90a: 128 x 64 spill-free with the row sums (40 B with the product), 64 x 32
+            # spill-free with the product (40 B with the row sums and all three tables)
+            return [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
         return [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
     if has_classes:
         return [(32, 64, 8, 2), (16, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)]
