@@ -11,6 +11,9 @@ proxy between GPU runs: it predicts occupancy limits, spills and launch failures
 
     python bench/aot_triton.py                                # everything, both architectures
     python bench/aot_triton.py --arch 90 --dims 128 --kernels fwd --out /tmp/fwd.md
+    PYTHONPATH=/path/to/triton-3.6 python bench/aot_triton.py --arch 90 --dims 128 --first 1 --check
+                                                              # the GPU image's triton compiles every kernel
+    AOT_VERBOSE=1 python bench/aot_triton.py ...              # also print each failure's whole compiler message
     python bench/aot_triton.py --dims 128 --variants masses+keymass --kernels km kmd dq dkdv --first 2 \
         --out bench/results/aot_triton.md                 # the key-mass kernels (issue 11), the configs tuned
 """
@@ -233,6 +236,8 @@ def main(argv=None):
     parser.add_argument("--json", type=Path, help="also write the compiled figures here (JSON rows)")
     parser.add_argument("--from-json", type=Path, help="render rows written by --json instead of compiling "
                         "(the estimates are recomputed with the backend as it is now)")
+    parser.add_argument("--check", action="store_true",
+                        help="exit with status 1 when a kernel fails to compile (listing the failures)")
     args = parser.parse_args(argv)
     if args.from_json:
         rows = json.loads(args.from_json.read_text())
@@ -251,7 +256,15 @@ def main(argv=None):
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
+    failed = [r for r in rows if "error" in r]
+    if args.check and failed:
+        for r in failed:
+            print(f"FAILED sm_{r['arch']} {r['kernel']} D={r['dim']} {r['variant']} {tuple(r['config'])}: "
+                  f"{r['error']}", file=sys.stderr)
+        print(f"{len(failed)} of {len(rows)} compiles failed (triton {triton.__version__})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -270,6 +270,11 @@ def main(argv=None):
     for s in args.seqlens:
         measure_shape(args, s, report, t_start)
     report.notes.append("TFLOP/s by pass and sequence length:\n\n" + summary(report.rows, args.methods))
+    from avar_kernels.triton import tuned_configs
+    chosen = tuned_configs()
+    if chosen:  # which tile and which formulation of the class terms (MASS_DOT) won, per kernel and tuning key
+        report.notes.append("Autotuner's choices (kernel, tuning key: config):\n\n"
+                            + "\n".join(f"- `{line}`" for line in chosen))
     report.write()
     print(report.markdown())
     print(f"total {time.time() - t_start:.0f} s")

@@ -40,4 +40,18 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                      window_right, table_grads=table_grads, dkey_mass=dkey_mass)
 
 
-__all__ = ["KEY_MASS", "is_available", "forward", "backward"]
+def tuned_configs() -> list[str]:
+    """The launch configs the autotuners chose in this process, one line per (kernel, tuning key): what a GPU
+    benchmark reports beside its timings (which tile and which formulation of the class terms won)."""
+    from .bwd import _tuned
+    from .fwd import _fwd_tuned, _km_tuned
+    lines = []
+    for table in (_fwd_tuned, _km_tuned, _tuned):
+        for tuner in table.values():
+            name = getattr(getattr(tuner, "base_fn", None), "__name__", "kernel")
+            for key, config in getattr(tuner, "cache", {}).items():
+                lines.append(f"{name} {key}: {config}")
+    return lines
+
+
+__all__ = ["KEY_MASS", "is_available", "forward", "backward", "tuned_configs"]
