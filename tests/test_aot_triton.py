@@ -1,5 +1,6 @@
 """Every Triton kernel and variant compiles for sm_90a (H100 / H200) at its first launch config, ahead of time and
-without a GPU (bench/aot_triton.py --check), with the installed triton and with the GPU image's (triton 3.6).
+without a GPU (bench/aot_triton.py --check): with the installed triton at D = 128, with the GPU image's (triton 3.6)
+at the GPU tests' head dims 64, 128 and 256.
 
 The two versions lower kernels differently: a kernel that triton 3.9 compiles can fail in 3.6's software
 pipeliner (a branch on one product's result feeding another product did, session 4), and the interpreter tests
@@ -30,13 +31,15 @@ def triton_version(env) -> str:
 @pytest.mark.parametrize("which", ["installed", "gpu-image"])
 def test_kernels_compile_for_sm90(which, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if which == "gpu-image":
+    dims = ["128"]
+    if which == "gpu-image":  # the GPU tests' head dims
+        dims = ["64", "128", "256"]
         if not GPU_TRITON:
             pytest.skip("AVAR_GPU_TRITON is not set (a folder holding triton 3.6, as .ci/run unpacks it)")
         env["PYTHONPATH"] = GPU_TRITON
         assert triton_version(env).startswith("3.6"), f"AVAR_GPU_TRITON={GPU_TRITON} does not hold triton 3.6"
     out = tmp_path / "aot.json"
-    run = subprocess.run([sys.executable, "bench/aot_triton.py", "--arch", "90", "--dims", "128", "--first", "1",
+    run = subprocess.run([sys.executable, "bench/aot_triton.py", "--arch", "90", "--dims", *dims, "--first", "1",
                           "--jobs", "2", "--check", "--json", str(out)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     failures = [line for line in run.stderr.splitlines() if line.startswith("FAILED")]
