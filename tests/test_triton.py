@@ -352,6 +352,18 @@ def test_configs_fit_shared_memory(arch):
     assert (128, 128, 8, 3) not in kept
 
 
+def test_query_blocks_limit_is_a_clear_error():
+    """Query and key blocks lie on grid axis 2 (65,535 programs): a longer sequence is refused by name, not
+    launched."""
+    q = torch.zeros(4, 2, 32)
+    cu = torch.tensor([0, 4], dtype=torch.int32)
+    with pytest.raises(ValueError, match="max_seqlen_q"):
+        T.forward(q, q, q, cu, cu, TF.MAX_SEQLEN + 1, 4, None, None, 0, None, None, None, 0.1, -1, 0)
+    with pytest.raises(ValueError, match="max_seqlen_k"):
+        T.backward(q, None, torch.zeros(2, 4), q, q, q, q, torch.zeros(2, 4), cu, cu, 4, TF.MAX_SEQLEN + 1, None, None,
+                   0, None, None, None, 0.1, -1, 0)
+
+
 # ------------------------------------------------------------------------------------------------------
 # GPU matrix (bf16 / fp16, SPEC 6 shapes)
 # ------------------------------------------------------------------------------------------------------

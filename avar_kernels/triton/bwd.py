@@ -1,9 +1,9 @@
 """Triton backward of the fused op (docs/backends.md), deterministic, no atomics.
 
 Two kernels, both recomputing P = exp(z' - lse) blockwise:
-- dK/dV: grid (key block, kv head, sequence); loops over the query heads of the kv head's group and over
+- dK/dV: grid (kv head, sequence, key block); loops over the query heads of the kv head's group and over
   the query blocks that see the key block; accumulates dk, dv in fp32 registers.
-- dQ: grid (query block, query head, sequence); loops over the visible key blocks.
+- dQ: grid (query head, sequence, query block: the last first); loops over the visible key blocks.
 dP = dO V^T + dmass[i, class(j)], dZ' = P (dP - delta), dZ = dZ' (1 + MUL + ABS sign(z)). On a key block of one
 class c0 (see fwd.py) dmass[i, c0] is a per-row constant folded into delta and the table entries are per-row
 factors; a block of several classes takes a one-hot product onehot(key class) x dmass^T (two bf16 products of
@@ -37,9 +37,11 @@ from .fwd import (
     _load_tile,
     _one_class,
     _phase,
+    _query_block,
     _row_ranges,
     _scores,
     _spread,
+    check_grid_blocks,
     class_runs,
     dot_precision,
     launch_blocks,
@@ -152,10 +154,10 @@ def _bwd_km_delta_kernel(Q, K, LSE, DELTA, DKM, DELTA_OUT, CU_Q, CU_K, KCLS, QCL
                          HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """DELTA_OUT_i = DELTA_i + sum_j P_ij dKM[j, qclass(i)]: the key masses' share of the row constant (their
-    gradient adds dKM[j, qclass(i)] to dP_ij). Grid (query block, query head, sequence), the forward's key loop."""
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
+    gradient adds dKM[j, qclass(i)] to dP_ij). Grid as the forward's, and its key loop."""
+    h = tl.program_id(0)
+    n = tl.program_id(1)
+    pid_m = _query_block()
     q_start = tl.load(CU_Q + n)
     sq = tl.load(CU_Q + n + 1) - q_start
     m0 = pid_m * BLOCK_M
@@ -231,9 +233,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DK, DV, CU_Q, CU_K, KC
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                      WANT_DMUL: tl.constexpr, WANT_DABS: tl.constexpr, WANT_DADD: tl.constexpr,
                      WANT_TG: tl.constexpr, HAS_DKM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    n = tl.program_id(2)
+    hk = tl.program_id(0)
+    n = tl.program_id(1)
+    pid_n = tl.program_id(2)  # key blocks on the slowest axis, the first first (the most rows see them)
     k_start = tl.load(CU_K + n)
     sk = tl.load(CU_K + n + 1) - k_start
     n0 = pid_n * BLOCK_N
@@ -354,9 +356,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DMASS, DKM, DQ, CU_Q, CU_K, KCLS, QC
                    HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                    HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                    HAS_DKM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
+    h = tl.program_id(0)
+    n = tl.program_id(1)
+    pid_m = _query_block()
     q_start = tl.load(CU_Q + n)
     sq = tl.load(CU_Q + n + 1) - q_start
     m0 = pid_m * BLOCK_M
@@ -486,6 +488,8 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
                  else dmass.float().contiguous())
     else:
         dmass = None
+    check_grid_blocks("max_seqlen_q", max_seqlen_q)
+    check_grid_blocks("max_seqlen_k", max_seqlen_k)
     block_d = max(16, triton.next_power_of_2(d))
     has_rw = mul is not None or abs_ is not None or add is not None
     prec = dot_precision(q.dtype)
@@ -501,7 +505,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         # run the kernel more than once
         delta_km = torch.empty_like(delta)
         _get("kmd", launch_configs("kmd", *shape, q.device), key)[
-            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
+            lambda meta: (hq, nseq, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))](
             Q=q, K=k, LSE=lse, DELTA=delta, DKM=dkm, DELTA_OUT=delta_km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
             KCLS=key_class, QCLS=query_class, RUNS=runs if has_rw else None, QRUNS=qruns, MUL=mul, ABS=abs_, ADD=add,
             qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
@@ -535,13 +539,13 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
 
     if tk > 0:
         _get("dkdv", dkdv_configs, key, want_tg, choices)[
-            lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hk, nseq)](
+            lambda meta: (hk, nseq, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))](
             DK=dk, DV=dv, TG=tg, HQ=hq, NKB=nkb, stride_dkt=dk.stride(0), stride_dkh=dk.stride(1),
             stride_dvt=dv.stride(0), stride_dvh=dv.stride(1),
             WANT_DMUL=want[0], WANT_DABS=want[1], WANT_DADD=want[2], **common)
     if tq > 0:
         _get("dq", launch_configs("dq", *shape, q.device, has_km=has_dkm), key, choices=choices)[
-            lambda meta: (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)](
+            lambda meta: (hq, nseq, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))](
             DQ=dq, stride_dqt=dq.stride(0), stride_dqh=dq.stride(1), **common)
     if table_grads is None:
         return dq, dk, dv

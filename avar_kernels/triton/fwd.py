@@ -1,6 +1,6 @@
 """Triton forward of the fused op: FlashAttention-2 style online softmax with per-class mass accumulators.
 
-Grid: (query block, query head, sequence) over the packed (varlen) layout of docs/backends.md. Scores are
+Grid: (query head, sequence, query block: the last first) over the packed (varlen) layout of docs/backends.md. Scores are
 kept in log2 units (log2(e) folded into the scale) and exponentiated with exp2. Classes, re-weighting tables
 and the window are compile-time flags derived from the arguments (an absent tensor is None, an unbounded
 window side is -1), so plain attention pays nothing for them. The key loop runs in three phases: a masked
@@ -111,6 +111,14 @@ def _table_tile(T, q_off, qmask, kcls, C: tl.constexpr, KEYS_FIRST: tl.constexpr
         else:
             tile = tl.where(hit, entry, tile)
     return tile
+
+
+@triton.jit
+def _query_block():
+    """The query block of a row-major program: grid (query head, sequence, query block), the block on the slowest
+    axis and the last blocks first. Under a causal mask those see the most keys, so every head's longest programs
+    start in the first waves and the last wave holds short ones (FlashAttention's order)."""
+    return tl.num_programs(2) - 1 - tl.program_id(2)
 
 
 @triton.jit
@@ -331,9 +339,9 @@ def _fwd_kernel(Q, K, V, O, LSE, MASS, CU_Q, CU_K, KCLS, QCLS, RUNS, MUL, ABS, A
                 HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                 HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
+    h = tl.program_id(0)
+    n = tl.program_id(1)
+    pid_m = _query_block()
     q_start = tl.load(CU_Q + n)
     sq = tl.load(CU_Q + n + 1) - q_start
     m0 = pid_m * BLOCK_M
@@ -437,12 +445,12 @@ def _key_mass_kernel(Q, K, LSE, KM, CU_Q, CU_K, KCLS, QCLS, RUNS, QRUNS, MUL, AB
                      HAS_MUL: tl.constexpr, HAS_ABS: tl.constexpr, HAS_ADD: tl.constexpr,
                      HAS_WL: tl.constexpr, HAS_WR: tl.constexpr, MASS_DOT: tl.constexpr, PREC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """KM[h, j, c] = sum over the rows i of query class c of P[h, i, j]. Grid (key block, query head, sequence):
+    """KM[h, j, c] = sum over the rows i of query class c of P[h, i, j]. Grid (query head, sequence, key block):
     per query head (GQA), so every key's row of KM is written once by one program. QRUNS: class_runs of the query
     classes; a query block of one class a0 adds its row sums to column a0 (no one-hot product)."""
-    pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    n = tl.program_id(2)
+    h = tl.program_id(0)
+    n = tl.program_id(1)
+    pid_n = tl.program_id(2)  # key blocks on the slowest axis, the first first (the most rows see them)
     k_start = tl.load(CU_K + n)
     sk = tl.load(CU_K + n + 1) - k_start
     n0 = pid_n * BLOCK_N
@@ -551,6 +559,14 @@ def class_runs(key_class: torch.Tensor, cu_seqlens_k: torch.Tensor) -> torch.Ten
 
 
 INTERPRET_BLOCKS = (16, 16)
+# Query (key) blocks lie on grid axis 2, at most 65,535 programs, of at least 16 rows (keys).
+MAX_SEQLEN = 65_535 * 16
+
+
+def check_grid_blocks(name: str, seqlen: int) -> None:
+    """Raises, naming the argument, when a sequence has more blocks than grid axis 2 holds."""
+    if seqlen > MAX_SEQLEN:
+        raise ValueError(f"{name}: the triton backend takes sequences of at most {MAX_SEQLEN:,} tokens, got {seqlen:,}")
 
 
 def launch_blocks():
@@ -574,6 +590,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         if key_mass:  # no query rows: every key receives nothing
             return out, lse, mass, torch.zeros(hq, tk, C, device=q.device, dtype=torch.float32)
         return out, lse, mass
+    check_grid_blocks("max_seqlen_q", max_seqlen_q)
+    if key_mass:
+        check_grid_blocks("max_seqlen_k", max_seqlen_k)
     block_d = max(16, triton.next_power_of_2(d))
     prec = dot_precision(q.dtype)
     has_classes = C > 0
@@ -585,7 +604,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
 
     def grid(meta):
-        return (triton.cdiv(max_seqlen_q, meta["BLOCK_M"]), hq, nseq)
+        return (hq, nseq, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))
 
     kern[grid](
         Q=q, K=k, V=v, O=out, LSE=lse, MASS=mass if has_classes else None, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
@@ -602,7 +621,7 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
         return out, lse, mass, torch.zeros(hq, tk, C, device=q.device, dtype=torch.float32)
     km = torch.empty(hq, tk, C, device=q.device, dtype=torch.float32)
     _get_km(block_d, prec, has_rw, q.element_size(), q.device)[
-        lambda meta: (triton.cdiv(max_seqlen_k, meta["BLOCK_N"]), hq, nseq)](
+        lambda meta: (hq, nseq, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))](
         Q=q, K=k, LSE=lse, KM=km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, KCLS=key_class, QCLS=query_class,
         RUNS=runs if has_rw else None, QRUNS=class_runs(query_class, cu_seqlens_q), MUL=mul, ABS=abs_, ADD=add,
         qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
