@@ -64,16 +64,18 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
                 "dkdv": [(32, 64, 4, 2), (32, 32, 4, 2)] if small else [(16, 32, 4, 2), (32, 32, 4, 2)]}[kernel]
     if kernel == "fwd":
         if dim <= 64:
-            if has_classes:
-                return [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
+            if has_classes:  # triton 3.6, sm_90a: 128 x 64 on 4 warps spills 1 KB with a table, 8 warps none
+                return [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 4, 3)]
             return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
         if dim <= 128:
             if has_classes:
                 return [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
             return [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+        # D=256, triton 3.6, sm_90a: 128 x 32 on 8 warps is spill-free with and without classes and tables (64 x 64
+        # on 4 warps spilled 92 B plain)
         if has_classes:
-            return [(64, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2)]
-        return [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 32, 8, 2)]
+            return [(128, 32, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2)]
+        return [(128, 32, 8, 2), (64, 64, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2)]
     if kernel == "dkdv":  # BLOCK_M = query rows per step, BLOCK_N = keys owned by the program
         if dim <= 64:
             return [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
@@ -90,9 +92,11 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
             # spill-free with the product (40 B with the row sums and all three tables)
             return [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
         return [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
+    # dQ at D=256 (triton 3.6, sm_90a): 128 x 32 on 8 warps spill-free but with the product and a table (248 B);
+    # 64 x 32 on 4 warps spilled 176 B plain. Kept where the shared memory allows (sm_90, not sm_80).
     if has_classes:
-        return [(32, 64, 8, 2), (16, 64, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)]
-    return [(64, 32, 4, 2), (64, 16, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+        return [(128, 32, 8, 2), (32, 64, 8, 2), (16, 64, 8, 2), (64, 32, 4, 2)]
+    return [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
 
 
 def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes: bool, has_rw: bool,
