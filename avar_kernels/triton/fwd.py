@@ -44,7 +44,7 @@ BF16_DOT_EMULATED = tl.constexpr(INTERPRET)
 # product p @ onehot(key class) [BLOCK_N, CLASS_TILE] (the V-augmentation trick done in registers); False, C masked
 # row sums. Both are exact. The product is cheaper when most blocks mix classes; when classes come in runs (a VLM
 # prompt) most blocks take the one-class path, and a product inside the branch still costs every block waits and
-# fences (bench/results/aot_triton_first.md). None: on a GPU the autotuner of the forward, dQ and dK/dV times both
+# fences (bench/results/aot_triton_gpu_image.md). None: on a GPU the autotuner of the forward, dQ and dK/dV times both
 # on the first launch of each shape (AVAR_TRITON_AUTOTUNE=0: the row sums); elsewhere (the interpreter, the key-mass
 # kernels), the product. Tests exercise both.
 MASS_DOT = None
