@@ -2,7 +2,7 @@
 // See decode.h for the interface. Design:
 //   * grid (B * Hk, num_splits, row_chunks): one CTA holds every query row of one kv head (GQA group x Sq,
 //     up to kRows rows; larger groups are cut into row chunks) for one split of the keys, so each K/V element
-//     of the split is read once (per row chunk);
+//     of the split is read once (per row chunk); up to 8 rows (decode) take an instantiation sized for 8;
 //   * K/V tiles of kTileN keys are streamed into shared memory with 16-byte cp.async (zero-filled past the
 //     end), double buffered;
 //   * S = Q K^T on the CUDA cores in fp32 (q pre-scaled, kept in shared memory as fp32), then the class-wise
@@ -32,9 +32,15 @@ constexpr int kThreads = 256;
 constexpr int kStages = 2;
 constexpr int kCombineRowsPerBlock = 4;
 
-template <int D> struct DecodeConfig {
+// Query rows per CTA: a GQA group of at most kSmallRows rows (decode, Sq = 1, groups of up to 8 heads) takes an
+// instantiation sized for it, so the score and P V loops carry 2 row slots per thread instead of 16 mostly idle ones;
+// larger row counts take kMaxRows rows per CTA (and row chunks beyond).
+constexpr int kSmallRows = 8;
+template <int D> constexpr int max_rows() { return D >= 256 ? 32 : 64; }
+
+template <int D, int ROWS = max_rows<D>()> struct DecodeConfig {
     static constexpr int kTileN = D >= 256 ? 32 : 64;   // keys per tile
-    static constexpr int kRows = D >= 256 ? 32 : 64;    // query rows per CTA (max)
+    static constexpr int kRows = ROWS;                  // query rows per CTA (max)
     static constexpr int kKStride = D + 8;               // halves per smem K/V row (pad: no bank conflicts)
     static constexpr int kChunks = D / 8;                // 16-byte chunks per row
     static constexpr int kChunksX = kChunks + 1;         // + the one-hot class chunk
@@ -187,11 +193,11 @@ __device__ __forceinline__ void load_kv_tile(const DecodeParams& p, int b, int k
 // Ss[r, n] = z' of row row0 + r and key j0 + n, for the Rc rows in Qs and the TN keys of the K tile ktile (shared
 // memory): (scale q) . k in fp32, the class-wise re-weighting, then -inf where the key is >= kend or hidden by the
 // bottom-right causal mask (query qi sees key j iff j <= qi + causal_off). Thread = (key n, row group).
-template <typename T, int D>
+template <typename T, int D, int ROWS = max_rows<D>()>
 __device__ __forceinline__ void score_tile(const T* ktile, const int* kcls, const float* Qs, const float* mul_s,
                                            const float* abs_s, const float* add_s, bool has_rw, bool causal,
                                            int causal_off, int Sq, int row0, int Rc, int j0, int kend, float* Ss) {
-    using Cfg = DecodeConfig<D>;
+    using Cfg = DecodeConfig<D, ROWS>;
     constexpr int TN = Cfg::kTileN;
     constexpr int KST = Cfg::kKStride;
     constexpr int DC = Cfg::kChunks;
@@ -245,9 +251,9 @@ template <typename T, int D> size_t split_smem_bytes(int rows_cap) {
     return bytes;
 }
 
-template <typename T, int D>
+template <typename T, int D, int ROWS>
 __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p, const int rows_cap) {
-    using Cfg = DecodeConfig<D>;
+    using Cfg = DecodeConfig<D, ROWS>;
     constexpr int TN = Cfg::kTileN;
     constexpr int KST = Cfg::kKStride;
     constexpr int DC = Cfg::kChunks;
@@ -330,7 +336,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         __syncthreads();
 
         // ---- S = (scale q) k^T, re-weighted and masked.
-        score_tile<T, D>(Ks + stage * TN * KST, kcls_s + stage * TN, Qs, mul_s, abs_s, add_s, has_rw, p.causal,
+        score_tile<T, D, ROWS>(Ks + stage * TN * KST, kcls_s + stage * TN, Qs, mul_s, abs_s, add_s, has_rw, p.causal,
                          causal_off, Sq, row0, Rc, kbeg + t * TN, kend, Ss);
         __syncthreads();
 
@@ -621,34 +627,51 @@ __global__ void __launch_bounds__(kThreads) decode_key_mass_kernel(const DecodeP
     }
 }
 
+// The split kernel's instantiation for p: kSmallRows rows per CTA when the kv head's rows fit, else max_rows<D>().
+template <int D> int rows_bucket(const DecodeParams& p) {
+    return (p.Hq / p.Hk) * p.Sq <= kSmallRows ? kSmallRows : max_rows<D>();
+}
+
 template <int D> int row_chunks(const DecodeParams& p) {
     const int R = (p.Hq / p.Hk) * p.Sq;
-    return (R + DecodeConfig<D>::kRows - 1) / DecodeConfig<D>::kRows;
+    return (R + rows_bucket<D>(p) - 1) / rows_bucket<D>(p);
 }
 
 template <int D> int rows_cap(const DecodeParams& p) {
-    return std::min((p.Hq / p.Hk) * p.Sq, DecodeConfig<D>::kRows);
+    return std::min((p.Hq / p.Hk) * p.Sq, rows_bucket<D>(p));
 }
 
 // The shared-memory limit is raised once (avar_decode_prepare), not per launch: cudaFuncSetAttribute costs a
 // driver call on every decode step otherwise.
 template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, int* ctas_per_sm) {
-    auto kernel = decode_split_kernel<T, D>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(split_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
+    constexpr int kMax = max_rows<D>();
+    cudaError_t err = cudaFuncSetAttribute(decode_split_kernel<T, D, kMax>,
+                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                           int(split_smem_bytes<T, D>(kMax)));
+    if (err != cudaSuccess) return err;
+    err = cudaFuncSetAttribute(decode_split_kernel<T, D, kSmallRows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                               int(split_smem_bytes<T, D>(kSmallRows)));
     if (err != cudaSuccess) return err;
     // The key-mass kernel of the same (dtype, head dim) needs up to ~72 KB too (kRows rows of fp32 Q and S).
     err = cudaFuncSetAttribute(decode_key_mass_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(key_mass_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
     if (err != cudaSuccess) return err;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, kernel, kThreads,
-                                                         split_smem_bytes<T, D>(rows_cap<D>(p)));
+    const size_t smem = split_smem_bytes<T, D>(rows_cap<D>(p));
+    return rows_bucket<D>(p) == kSmallRows
+               ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, decode_split_kernel<T, D, kSmallRows>,
+                                                               kThreads, smem)
+               : cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, decode_split_kernel<T, D, kMax>,
+                                                               kThreads, smem);
 }
 
 template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cudaStream_t stream) {
     const int rc = rows_cap<D>(p);
     const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_chunks<D>(p)));
-    decode_split_kernel<T, D><<<grid, kThreads, split_smem_bytes<T, D>(rc), stream>>>(p, rc);
+    const size_t smem = split_smem_bytes<T, D>(rc);
+    if (rows_bucket<D>(p) == kSmallRows)
+        decode_split_kernel<T, D, kSmallRows><<<grid, kThreads, smem, stream>>>(p, rc);
+    else
+        decode_split_kernel<T, D, max_rows<D>()><<<grid, kThreads, smem, stream>>>(p, rc);
     return cudaGetLastError();
 }
 

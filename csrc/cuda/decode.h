@@ -78,7 +78,8 @@ constexpr int kDecodeMaxSq = 16;
 // True for the head dims with a compiled kernel: 64, 80, 96, 128, 256.
 bool avar_decode_supported_head_dim(int head_dim);
 
-// Query rows (GQA group x Sq) one CTA holds; larger groups are cut into several row chunks.
+// Query rows (GQA group x Sq) one CTA holds at most; larger groups are cut into several row chunks. (Up to 8 rows
+// take an instantiation sized for 8, with the same one chunk.)
 int avar_decode_rows_per_cta(int head_dim);
 
 constexpr int kDecodeMaxSplits = 128;
