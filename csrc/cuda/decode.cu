@@ -643,14 +643,19 @@ template <int D> int rows_cap(const DecodeParams& p) {
 
 // The shared-memory limit is raised once (avar_decode_prepare), not per launch: cudaFuncSetAttribute costs a
 // driver call on every decode step otherwise.
+// The split kernel's shared-memory limit, and the largest shared-memory carveout: its K/V tiles come through
+// cp.async.cg (not L1), and the 8-row instantiation (about 76 KB at D=128, 56 registers) fits 3 CTAs per SM there.
+template <typename Kernel> cudaError_t prepare_smem(Kernel kernel, size_t bytes) {
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
+    if (err != cudaSuccess) return err;
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+}
+
 template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, int* ctas_per_sm) {
     constexpr int kMax = max_rows<D>();
-    cudaError_t err = cudaFuncSetAttribute(decode_split_kernel<T, D, kMax>,
-                                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                           int(split_smem_bytes<T, D>(kMax)));
+    cudaError_t err = prepare_smem(decode_split_kernel<T, D, kMax>, split_smem_bytes<T, D>(kMax));
     if (err != cudaSuccess) return err;
-    err = cudaFuncSetAttribute(decode_split_kernel<T, D, kSmallRows>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(split_smem_bytes<T, D>(kSmallRows)));
+    err = prepare_smem(decode_split_kernel<T, D, kSmallRows>, split_smem_bytes<T, D>(kSmallRows));
     if (err != cudaSuccess) return err;
     // The key-mass kernel of the same (dtype, head dim) needs up to ~72 KB too (kRows rows of fp32 Q and S).
     err = cudaFuncSetAttribute(decode_key_mass_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
