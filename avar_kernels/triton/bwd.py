@@ -5,9 +5,10 @@ Two kernels, both recomputing P = exp(z' - lse) blockwise:
   the query blocks that see the key block; accumulates dk, dv in fp32 registers.
 - dQ: grid (query head, sequence, query block: the last first); loops over the visible key blocks.
 dP = dO V^T + dmass[i, class(j)], dZ' = P (dP - delta), dZ = dZ' (1 + MUL + ABS sign(z)). On a key block of one
-class c0 (see fwd.py) dmass[i, c0] is a per-row constant folded into delta and the table entries are per-row
-factors; a block of several classes takes a one-hot product onehot(key class) x dmass^T (two bf16 products of
-dmass's halves, exact enough for an fp32 operand) and per-score table lookups.
+class c0 (see fwd.py) the dmass term is the column dmass[:, c0] and the table entries are per-row values, spread
+along the keys; a block of several classes takes a one-hot product onehot(key class) x dmass^T (two bf16 products
+of dmass's halves, exact enough for an fp32 operand) or C selects (fwd.MASS_DOT), and table tiles from per-row
+entries. Those tiles are built in branches that read no product and added after (triton 3.6, fwd._table_tiles).
 Learned tables (constexpr WANT_DMUL / WANT_DABS / WANT_DADD, off in the plain backward): the dK/dV kernel sums
 dZ' z, dZ' |z|, dZ' per (key, query class) with a product dZ'-tile x onehot(query class) [BLOCK_M, CLASS_TILE]
 over its query blocks, reduces over its keys per key class with onehot(key class) once per query head, and
