@@ -352,6 +352,26 @@ def test_configs_fit_shared_memory(arch):
     assert (128, 128, 8, 3) not in kept
 
 
+def test_mass_forms_double_the_tuned_configs(monkeypatch):
+    """With classes the autotuner times each config in both formulations of the class terms (MASS_DOT); without
+    tuning it takes the first formulation (the row sums) only; the interpreter passes MASS_DOT itself."""
+    configs = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 64}, num_warps=8, num_stages=3),
+               triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
+    monkeypatch.setenv("AVAR_TRITON_AUTOTUNE", "2")
+    forms = TC.with_mass_forms(configs, (False, True))
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["MASS_DOT"]) for c in forms] == [(128, False), (128, True), (64, False),
+                                                                           (64, True)]
+    assert all(f.num_warps == c.num_warps and f.num_stages == c.num_stages
+               for f, c in zip(forms, [configs[0], configs[0], configs[1], configs[1]]))
+    monkeypatch.setenv("AVAR_TRITON_AUTOTUNE", "0")
+    assert [c.kwargs["MASS_DOT"] for c in TC.with_mass_forms(configs[:1], (False, True))] == [False]
+    assert TC.with_mass_forms(configs, ()) == configs
+    assert TF.mass_dot_choices(True) == (() if TF.INTERPRET else (False, True))
+    assert TF.mass_dot_choices(False) == ()
+    monkeypatch.setattr(TF, "MASS_DOT", False)
+    assert TF.mass_dot_choices(True) == () and TF.mass_dot_value() is False
+
+
 def test_query_blocks_limit_is_a_clear_error():
     """Query and key blocks lie on grid axis 2 (65,535 programs): a longer sequence is refused by name, not
     launched."""
