@@ -84,7 +84,9 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
                 # spills 40 B with dKM, 16 x 128 none)
                 return [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3)]
             return [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3)]
-        return [(16, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
+        # D=256 (triton 3.6, sm_90a): every wgmma tile spills (16 x 64: 52 B plain, 120-632 B with classes); 16 x 32
+        # on 4 warps (mma.sync) does not: the autotuner weighs the two
+        return [(16, 64, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
     if dim <= 64:
         return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
     if dim <= 128:
@@ -138,8 +140,8 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     # dkdv: K, V held; q, dO, lse, delta pipelined; onehot [BLOCK_N, CLASS_TILE] @ dmass halves^T; with tables, the
     # table-gradient products' one-hot(query class) tiles and accumulators
     total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn + relayout + km
-    if has_classes:
-        total += (bn + 2 * bm) * CLASS_TILE.value * onehot
+    if has_classes:  # twice the one-hot operands: layout copies of them (triton 3.6, D=256: 2.9 KB more than once)
+        total += 2 * (bn + 2 * bm) * CLASS_TILE.value * onehot
     if has_rw:
         total += (3 * bn + 2 * bm) * CLASS_TILE.value * 4
     return total
