@@ -6,6 +6,7 @@
 #   bash bench/gpu_check.sh build smoke prefill     # one device command, about 6-8 min on a fresh machine
 #   bash bench/gpu_check.sh tests                   # then, on the same warm machine
 #   bash bench/gpu_check.sh decode model
+#   bash bench/gpu_check.sh random                  # the formulations of the class terms, one class per token
 #   bash bench/gpu_check.sh all                     # every stage in order (longer than one device command)
 #
 # Stages (timeout):
@@ -17,6 +18,8 @@
 #   decode   bench/bench_decode_gpu.py: bandwidth against the measured copy bandwidth, against SDPA decode (240 s)
 #   model    bench/bench_hf.py --device cuda: memory and time of a mass loss through 2 Qwen2.5-VL-7B layers, bf16,
 #            S 2048-8192 (the SFT-step rows of the trainer issue; 420 s)
+#   random   bench/bench_triton_gpu.py --layout random: one class per token (every key block mixes classes), with
+#            masses against plain, SDPA flash and SDPA + one-hot V; which formulation of the class terms wins (300 s)
 # A stage after `build` builds first when avar_kernels._cuda is missing (a fresh machine).
 #
 # Results: bench/results/gpu/<stage>.{md,json,csv} (+ build.log, tests.log, gpu_check.log). With $OUT set (the device
@@ -81,6 +84,12 @@ stage_tests() {
         tail -3 '$RESULTS/tests.log'; exit \$rc"
 }
 stage_decode() { ensure_built; run_stage decode 240 "$PY" bench/bench_decode_gpu.py --out "$RESULTS/decode"; }
+# one class per token: every key block mixes classes, the case where the one-hot product should win the autotuning
+stage_random() {
+    ensure_built
+    run_stage random 300 "$PY" bench/bench_triton_gpu.py --layout random --methods avar avar_mass sdpa_flash \
+        sdpa_onehot --out "$RESULTS/prefill_random" --budget 200
+}
 stage_model() {
     ensure_built
     run_stage model 420 "$PY" bench/bench_hf.py --device cuda --seq 2048 4096 8192 --timeout 130 \
@@ -89,11 +98,11 @@ stage_model() {
 
 STAGES=("$@")
 [[ ${#STAGES[@]} -eq 0 ]] && STAGES=(all)
-[[ "${STAGES[*]}" == "all" ]] && STAGES=(build smoke prefill tests decode model)
+[[ "${STAGES[*]}" == "all" ]] && STAGES=(build smoke prefill tests decode model random)
 for s in "${STAGES[@]}"; do
     case "$s" in
-        build|smoke|prefill|tests|decode|model) ;;
-        *) echo "gpu_check: unknown stage '$s' (build smoke prefill tests decode model all)"; exit 2 ;;
+        build|smoke|prefill|tests|decode|model|random) ;;
+        *) echo "gpu_check: unknown stage '$s' (build smoke prefill tests decode model random all)"; exit 2 ;;
     esac
 done
 for s in "${STAGES[@]}"; do
