@@ -1,7 +1,7 @@
 """Triton forward of the fused op: FlashAttention-2 style online softmax with per-class mass accumulators.
 
-Grid: (query head, sequence, query block: the last first) over the packed (varlen) layout of docs/backends.md. Scores are
-kept in log2 units (log2(e) folded into the scale) and exponentiated with exp2. Classes, re-weighting tables
+Grid: (query head, sequence, query block: the last first) over the packed (varlen) layout of docs/backends.md.
+Scores are kept in log2 units (log2(e) folded into the scale) and exponentiated with exp2. Classes, re-weighting tables
 and the window are compile-time flags derived from the arguments (an absent tensor is None, an unbounded
 window side is -1), so plain attention pays nothing for them. The key loop runs in three phases: a masked
 phase at the left window edge, an unmasked interior and a masked phase at the right (causal) edge; fully
@@ -96,8 +96,8 @@ FEATURE_FLAGS = {
 @triton.jit
 def _table_tile(T, q_off, qmask, kcls, C: tl.constexpr, KEYS_FIRST: tl.constexpr):
     """T[qclass(i), kclass(j)] of a key block with several classes as a [rows, keys] tile ([keys, rows] if
-    KEYS_FIRST), from q_off = the offset of each row's table row: one entry per row and class, spread by C selects (no per-score
-    lookup, so the tile keeps the scores' register layout)."""
+    KEYS_FIRST), from q_off = the offset of each row's table row: one entry per row and class, spread by C selects
+    (no per-score lookup, so the tile keeps the scores' register layout)."""
     for c in tl.static_range(C):
         entry = tl.load(T + q_off + c, mask=qmask, other=0.0)  # [rows]
         if KEYS_FIRST:

@@ -641,6 +641,12 @@ template <int D> int rows_cap(const DecodeParams& p) {
     return std::min((p.Hq / p.Hk) * p.Sq, rows_bucket<D>(p));
 }
 
+// The split kernel's instantiation for p's row count (rows_bucket).
+template <typename T, int D> auto split_kernel(const DecodeParams& p) {
+    return rows_bucket<D>(p) == kSmallRows ? decode_split_kernel<T, D, kSmallRows>
+                                           : decode_split_kernel<T, D, max_rows<D>()>;
+}
+
 // The shared-memory limit is raised once (avar_decode_prepare), not per launch: cudaFuncSetAttribute costs a
 // driver call on every decode step otherwise.
 // The split kernel's shared-memory limit, and the largest shared-memory carveout: its K/V tiles come through
@@ -661,22 +667,14 @@ template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, in
     err = cudaFuncSetAttribute(decode_key_mass_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                int(key_mass_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
     if (err != cudaSuccess) return err;
-    const size_t smem = split_smem_bytes<T, D>(rows_cap<D>(p));
-    return rows_bucket<D>(p) == kSmallRows
-               ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, decode_split_kernel<T, D, kSmallRows>,
-                                                               kThreads, smem)
-               : cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, decode_split_kernel<T, D, kMax>,
-                                                               kThreads, smem);
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, split_kernel<T, D>(p), kThreads,
+                                                         split_smem_bytes<T, D>(rows_cap<D>(p)));
 }
 
 template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cudaStream_t stream) {
     const int rc = rows_cap<D>(p);
     const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_chunks<D>(p)));
-    const size_t smem = split_smem_bytes<T, D>(rc);
-    if (rows_bucket<D>(p) == kSmallRows)
-        decode_split_kernel<T, D, kSmallRows><<<grid, kThreads, smem, stream>>>(p, rc);
-    else
-        decode_split_kernel<T, D, max_rows<D>()><<<grid, kThreads, smem, stream>>>(p, rc);
+    split_kernel<T, D>(p)<<<grid, kThreads, split_smem_bytes<T, D>(rc), stream>>>(p, rc);
     return cudaGetLastError();
 }
 
