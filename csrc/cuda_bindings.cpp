@@ -4,11 +4,14 @@
 // Python wrapper (avar_kernels/kvcache.py) does the user-facing argument checks.
 #include <torch/extension.h>
 
+#if !defined(AVAR_DECODE_EMULATE)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -64,6 +67,16 @@ int64_t resident_ctas(const avar::DecodeParams& p, int device) {
     return slots;
 }
 
+// Outputs are not pre-filled: the kernels write every element. Under the emulator (CPU tensors) they start as NaN,
+// so that an element a kernel forgets shows in the tests.
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(AVAR_DECODE_EMULATE)
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+#else
+    return at::empty(sizes, options);
+#endif
+}
+
 avar::DecodeDtype decode_dtype(at::ScalarType t) {
     return t == at::kBFloat16 ? avar::DecodeDtype::kBFloat16 : avar::DecodeDtype::kFloat16;
 }
@@ -74,7 +87,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     const std::optional<at::Tensor>& query_class, int64_t num_classes, const std::optional<at::Tensor>& mul,
     const std::optional<at::Tensor>& abs_, const std::optional<at::Tensor>& add, double scale, bool causal,
     int64_t num_splits, bool key_mass) {
+#if defined(AVAR_DECODE_EMULATE)  // csrc/cuda/emulate: the same kernels on CPU tensors
+    TORCH_CHECK(q.is_cpu(), "q: the emulated decode kernels take CPU tensors");
+#else
     TORCH_CHECK(q.is_cuda(), "q: expected a CUDA tensor");
+#endif
     const at::Device dev = q.device();
     TORCH_CHECK(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
                 "q: the CUDA decode kernel supports float16 and bfloat16, got ", q.scalar_type());
@@ -97,7 +114,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     check_int32(cache_seqlens, "cache_seqlens", dev);
     TORCH_CHECK(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, "cache_seqlens: expected shape [", B, "]");
 
+#if !defined(AVAR_DECODE_EMULATE)
     const c10::cuda::CUDAGuard guard(dev);
+#endif
     avar::DecodeParams p;
     p.dtype = decode_dtype(q.scalar_type());
     p.q = q.data_ptr();
@@ -152,12 +171,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_fwd(
     p.abs_ = table_ptr(abs_, "abs", Hq, num_classes, dev);
     p.add = table_ptr(add, "add", Hq, num_classes, dev);
 
-    at::Tensor out = at::empty({B, Sq, Hq, D}, q.options());
-    at::Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-    at::Tensor mass = at::empty({B, Hq, Sq, num_classes}, q.options().dtype(at::kFloat));
+    at::Tensor out = empty_output({B, Sq, Hq, D}, q.options());
+    at::Tensor lse = empty_output({B, Hq, Sq}, q.options().dtype(at::kFloat));
+    at::Tensor mass = empty_output({B, Hq, Sq, num_classes}, q.options().dtype(at::kFloat));
     // Not pre-zeroed: the key-mass kernel writes every element (zeros past a cache's end). Empty [0] when not asked,
     // as the custom op's schema has no optional outputs.
-    at::Tensor km = key_mass ? at::empty({B, Hq, sk_max, num_classes}, q.options().dtype(at::kFloat))
+    at::Tensor km = key_mass ? empty_output({B, Hq, sk_max, num_classes}, q.options().dtype(at::kFloat))
                              : at::empty({0}, q.options().dtype(at::kFloat));
     if (key_mass) {
         TORCH_CHECK(B * Hk <= 65535, "key_mass: B * Hk (", B * Hk, ") must be at most 65535");
@@ -189,7 +208,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> decode_fwd(
         p.ws_lse = p.ws_out + rows * D;
         p.ws_mass = p.ws_lse + rows;
     }
-    const cudaError_t err = avar::avar_decode_fwd(p, c10::cuda::getCurrentCUDAStream(dev.index()).stream());
+#if defined(AVAR_DECODE_EMULATE)
+    const cudaStream_t stream = nullptr;
+#else
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev.index()).stream();
+#endif
+    const cudaError_t err = avar::avar_decode_fwd(p, stream);
     TORCH_CHECK(err == cudaSuccess, "avar decode kernel launch failed: ", cudaGetErrorString(err));
     return {out, lse, mass, km};
 }
@@ -200,7 +224,9 @@ std::tuple<int64_t, int64_t, int64_t> decode_plan(int64_t B, int64_t Sq, int64_t
                                                   int64_t sk_max, at::ScalarType dtype, int64_t device) {
     TORCH_CHECK(Hk > 0 && Hq % Hk == 0 && Sq >= 1 && avar::avar_decode_supported_head_dim(int(D)),
                 "decode_plan: unsupported shape");
+#if !defined(AVAR_DECODE_EMULATE)
     const c10::cuda::CUDAGuard guard(c10::Device(c10::DeviceType::CUDA, c10::DeviceIndex(device)));
+#endif
     avar::DecodeParams p;
     p.dtype = decode_dtype(dtype);
     p.B = int(B);

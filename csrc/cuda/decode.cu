@@ -1,19 +1,27 @@
-// Split-KV decode kernel ("flash-decoding") with per-class attention mass and class-wise re-weighting.
-// See decode.h for the interface. Design:
-//   * grid (B * Hk, num_splits, row_chunks): one CTA holds every query row of one kv head (GQA group x Sq,
-//     up to kRows rows; larger groups are cut into row chunks) for one split of the keys, so each K/V element
-//     of the split is read once (per row chunk); up to 8 rows (decode) take an instantiation sized for 8;
-//   * K/V tiles of kTileN keys are streamed into shared memory with 16-byte cp.async (zero-filled past the
-//     end), double buffered;
-//   * S = Q K^T on the CUDA cores in fp32 (q pre-scaled, kept in shared memory as fp32), then the class-wise
-//     re-weighting, the mask (length, bottom-right causal), an online softmax per row (one warp per row);
-//   * O += P V with one extra 8-wide "column chunk" holding the one-hot key classes, so that the per-class
-//     masses (and their sum, the softmax denominator) ride on the same accumulation and rescaling;
-//   * each split writes normalized (out, lse, mass) to an fp32 workspace; the combine kernel merges the splits
-//     with weights exp(lse_split - lse_total). With one split the CTA writes the final outputs itself.
+// Split-KV decode kernel ("flash-decoding") with per-class attention mass and class-wise re-weighting, on the
+// tensor cores. See decode.h for the interface. Design:
+//   * grid (B * Hk, num_splits, row tiles): a CTA of 4 warps holds 16 query rows of one kv head (its GQA group x Sq
+//     rows, in tiles of 16; decode's 1-8 rows per kv head are one tile) for one split of the keys, so each K/V
+//     element of the split is read once per row tile;
+//   * the split's keys go to the warps in chunks of 16 (warp w takes chunks w, w + 4, ...); each warp streams its
+//     own chunks through a private 3-stage (2 at D = 256) cp.async pipeline of 16-byte copies (zero-filled past the
+//     end, the keys' class ids in the same group) and needs no CTA barrier inside the key loop;
+//   * per chunk: S = Q K^T with mma.sync m16n8k16 (fp32 accumulation; Q and K through ldmatrix), times the scale,
+//     the class-wise re-weighting, the mask (length, bottom-right causal), an online softmax per row in registers;
+//     O += P V with P kept in registers as the A operand and V through ldmatrix.trans, and one more n8 product
+//     P x onehot(key class) for the per-class masses, whose sum is the softmax denominator;
+//   * the 4 warps' partial (max, O, masses) are merged through shared memory; each split writes normalized (out,
+//     lse, mass) to an fp32 workspace and the combine kernel merges the splits with weights exp(lse_split -
+//     lse_total). With one split the CTA writes the final outputs itself.
 //   * key masses (optional): a second kernel over the cache after the final lse is known, recomputing the scores
-//     with the forward's score_tile and summing P per key and query class (decode_key_mass_kernel).
+//     with the forward's score_chunk and summing P per key and query class (decode_key_mass_kernel).
+// Compiled by a host compiler with -DAVAR_DECODE_EMULATE, the same source runs on the CPU under the warp emulator
+// of emulate/simt.h (tests/test_decode_emulated.py): the PTX below has an emulated twin there, nothing else does.
 #include "decode.h"
+
+#if defined(AVAR_DECODE_EMULATE)
+#include "emulate/simt.h"
+#endif
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -21,44 +29,43 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 // Config members unused by some head dims (and all but one with AVAR_DECODE_ONLY_HDIM) are not an issue.
 #pragma nv_diag_suppress 177
 
+#if defined(AVAR_DECODE_EMULATE)
+#define AVAR_DYNAMIC_SMEM(name) unsigned char* name = ::avar_emu::dynamic_smem()
+#define AVAR_LAUNCH(kernel, grid, block, smem, stream, ...) \
+    ::avar_emu::launch(grid, block, smem, [=] { kernel(__VA_ARGS__); })
+#else
+#define AVAR_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#define AVAR_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
+#endif
+
 namespace avar {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kStages = 2;
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunk = 16;           // keys per warp step (the k of the P V product)
+constexpr int kTileRows = 16;        // query rows per CTA (the m of every product)
+constexpr int kKeysPerCta = kWarps * kChunk;  // keys one round of the 4 warps covers; the split planner's tile
 constexpr int kCombineRowsPerBlock = 4;
+constexpr float kLog2e = 1.4426950408889634f;
 
-// Query rows per CTA: a GQA group of at most kSmallRows rows (decode, Sq = 1, groups of up to 8 heads) takes an
-// instantiation sized for it, so the score and P V loops carry 2 row slots per thread instead of 16 mostly idle ones;
-// larger row counts take kMaxRows rows per CTA (and row chunks beyond).
-constexpr int kSmallRows = 8;
-template <int D> constexpr int max_rows() { return D >= 256 ? 32 : 64; }
-
-template <int D, int ROWS = max_rows<D>()> struct DecodeConfig {
-    static constexpr int kTileN = D >= 256 ? 32 : 64;   // keys per tile
-    static constexpr int kRows = ROWS;                  // query rows per CTA (max)
-    static constexpr int kKStride = D + 8;               // halves per smem K/V row (pad: no bank conflicts)
-    static constexpr int kChunks = D / 8;                // 16-byte chunks per row
-    static constexpr int kChunksX = kChunks + 1;         // + the one-hot class chunk
-    static constexpr int kQkGroups = kThreads / kTileN;  // row groups in S = Q K^T
-    static constexpr int kQkRowsPerThread = kRows / kQkGroups;
-    static constexpr int kPvGroups = kThreads / kChunksX;  // row groups in O += P V
-    static constexpr int kPvRowsPerThread = (kRows + kPvGroups - 1) / kPvGroups;
-    static_assert(D % 8 == 0, "head dim must be a multiple of 8");
-    static_assert(kRows % kQkGroups == 0, "rows must split evenly over the QK row groups");
-    static_assert(kTileN % 32 == 0, "tile must be a multiple of the warp size");
+template <int D> struct Tile {
+    static constexpr int kStages = D >= 256 ? 2 : 3;  // per warp; 2 at D = 256 to stay within shared memory
+    static constexpr int kStride = D + 8;              // elements per shared-memory row: ldmatrix without conflicts
+    static constexpr int kChunks = D / 8;              // 16-byte pieces of a row
+    static_assert(D % 16 == 0, "head dim must be a multiple of 16");
 };
 
 template <typename T> struct Vec2;
 template <> struct Vec2<__half> { using type = __half2; };
 template <> struct Vec2<__nv_bfloat16> { using type = __nv_bfloat162; };
 
-__device__ __forceinline__ float2 to_float2(__half2 v) { return __half22float2(v); }
-__device__ __forceinline__ float2 to_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
 template <typename T> __device__ __forceinline__ typename Vec2<T>::type from_float2(float a, float b);
 template <> __device__ __forceinline__ __half2 from_float2<__half>(float a, float b) { return __floats2half2_rn(a, b); }
 template <> __device__ __forceinline__ __nv_bfloat162 from_float2<__nv_bfloat16>(float a, float b) {
@@ -72,16 +79,12 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
     return __float2bfloat16_rn(x);
 }
 
-// 8 elements (16 bytes, one 128-bit load) -> 8 floats.
-template <typename T> __device__ __forceinline__ void load8(const T* ptr, float* f) {
-    const uint4 u = *reinterpret_cast<const uint4*>(ptr);
-    const typename Vec2<T>::type* h = reinterpret_cast<const typename Vec2<T>::type*>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        const float2 x = to_float2(h[i]);
-        f[2 * i] = x.x;
-        f[2 * i + 1] = x.y;
-    }
+// Two floats -> one 32-bit register of two 16-bit values (the first in the low half), an mma operand.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float a, float b) {
+    const typename Vec2<T>::type h = from_float2<T>(a, b);
+    uint32_t u;
+    memcpy(&u, &h, 4);
+    return u;
 }
 
 template <typename T> __device__ __forceinline__ void store8(T* ptr, const float* f) {
@@ -92,14 +95,83 @@ template <typename T> __device__ __forceinline__ void store8(T* ptr, const float
     *reinterpret_cast<uint4*>(ptr) = u;
 }
 
-// 16-byte async copy global -> shared; src_bytes = 0 zero-fills the destination without reading.
+// ---- The PTX the kernels use (warp-collective or asynchronous); emulate/simt.h models each one on the host.
+
+// 16-byte (or 4-byte) async copy global -> shared; pred = false zero-fills the destination without reading.
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
+#if defined(AVAR_DECODE_EMULATE)
+    avar_emu::cp_async(smem, gmem, 16, pred);
+#else
     const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    const int n = pred ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 16 : 0));
+#endif
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+__device__ __forceinline__ void cp_async4(void* smem, const void* gmem, bool pred) {
+#if defined(AVAR_DECODE_EMULATE)
+    avar_emu::cp_async(smem, gmem, 4, pred);
+#else
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(pred ? 4 : 0));
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(AVAR_DECODE_EMULATE)
+    avar_emu::cp_async_commit();
+#else
+    asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+#if defined(AVAR_DECODE_EMULATE)
+    avar_emu::cp_async_wait(N);
+#else
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Four 8x8 matrices of 16-bit values from shared memory: lane 8 m + i gives the address of row i of matrix m; r[m]
+// is lane l's pair at row l / 4, columns 2 (l % 4) .. + 1 of matrix m (with trans: of the transposed matrix).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+#if defined(AVAR_DECODE_EMULATE)
+    avar_emu::ldmatrix_x4(r, smem, false);
+#else
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#endif
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
+#if defined(AVAR_DECODE_EMULATE)
+    avar_emu::ldmatrix_x4(r, smem, true);
+#else
+    const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+#endif
+}
+
+// d += A B, A 16 x 16 (four registers, row-major fragment), B 16 x 8 (b0, b1, column-major fragment), fp32 d.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+#if defined(AVAR_DECODE_EMULATE)
+    const uint32_t b[2] = {b0, b1};
+    avar_emu::mma_16816<T>(d, a, b);
+#else
+    if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    } else {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+            "{%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+#endif
+}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -111,354 +183,336 @@ __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
 }
+// Over the 4 lanes of a quad (the lanes that hold one accumulator row).
+__device__ __forceinline__ float quad_max(float v) {
+    v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 1));
+    return fmaxf(v, __shfl_xor_sync(0xffffffffu, v, 2));
+}
 
 // ---- Pieces shared by the split (forward) kernel and the key-mass kernel: both must see the same z', so the row
-// loads, the tile loads and the score computation exist once.
+// loads, the chunk loads and the score computation exist once.
 
-// The rows r < Rc of a CTA are rows row0 + r of its kv head's group; row -> (query head hg, query qi) = divmod(row,
-// Sq). Loads q pre-scaled to fp32 into Qs [Rc, D] and each row's re-weight coefficients over the key classes into
-// mul_s / abs_s / add_s [Rc, kDecodeMaxClasses] (zeros without tables).
+// Per-row re-weight coefficients of a row tile: [3][kTileRows][kDecodeMaxClasses] floats (MUL, ABS, ADD).
+constexpr int kCoefFloats = 3 * kTileRows * kDecodeMaxClasses;
+
+// The rows r < Rc of a tile are rows row0 + r of its kv head's group; row -> (query head hg, query qi) = divmod(row,
+// Sq). Loads q of those rows into Qs [kTileRows, kStride] (q's dtype; zeros for r >= Rc) and each row's re-weight
+// coefficients over the key classes into coef (zeros without tables). All threads of the CTA take part.
 template <typename T, int D>
-__device__ __forceinline__ void load_query_rows(const DecodeParams& p, int b, int kvh, int row0, int Rc, float* Qs,
-                                                float* mul_s, float* abs_s, float* add_s) {
-    constexpr int DC = D / 8;
+__device__ __forceinline__ void load_row_tile(const DecodeParams& p, int b, int kvh, int row0, int Rc, T* Qs,
+                                              float* coef) {
+    constexpr int DC = Tile<D>::kChunks;
+    constexpr int ST = Tile<D>::kStride;
     const int tid = threadIdx.x, Sq = p.Sq, C = p.C, group = p.Hq / p.Hk;
     const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
     const T* __restrict__ qg = static_cast<const T*>(p.q);
-    for (int idx = tid; idx < Rc * DC; idx += kThreads) {
+    for (int idx = tid; idx < kTileRows * DC; idx += kThreads) {
         const int r = idx / DC, c = idx % DC;
-        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
-        float f[8];
-        load8(qg + b * p.q_batch_stride + qi * p.q_seq_stride + h * p.q_head_stride + c * 8, f);
-#pragma unroll
-        for (int e = 0; e < 8; ++e) Qs[r * D + c * 8 + e] = f[e] * p.scale;
+        uint4 u = make_uint4(0u, 0u, 0u, 0u);
+        if (r < Rc) {
+            const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+            u = *reinterpret_cast<const uint4*>(qg + b * p.q_batch_stride + qi * p.q_seq_stride +
+                                                h * p.q_head_stride + c * 8);
+        }
+        *reinterpret_cast<uint4*>(Qs + r * ST + c * 8) = u;
     }
-    for (int idx = tid; idx < Rc * kDecodeMaxClasses; idx += kThreads) {
+    constexpr int NC = kTileRows * kDecodeMaxClasses;
+    for (int idx = tid; idx < NC; idx += kThreads) {
         const int r = idx / kDecodeMaxClasses, c = idx % kDecodeMaxClasses;
-        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
         float mu = 0.f, ab = 0.f, ad = 0.f;
-        if (has_rw && c < C) {
+        if (has_rw && r < Rc && c < C) {
+            const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
             const int a = p.query_class != nullptr ? p.query_class[b * p.query_class_batch_stride + qi] : 0;
             const int64_t t = (int64_t(h) * C + a) * C + c;
             if (p.mul) mu = p.mul[t];
             if (p.abs_) ab = p.abs_[t];
             if (p.add) ad = p.add[t];
         }
-        mul_s[idx] = mu;
-        abs_s[idx] = ab;
-        add_s[idx] = ad;
+        coef[idx] = mu;
+        coef[NC + idx] = ab;
+        coef[2 * NC + idx] = ad;
     }
 }
 
-// Issues the cp.async copies of the K tile (and of the V tile when vd != nullptr) of keys j0 .. j0 + TN - 1 of kv
-// head kvh of sequence b, paged through block_table or not, zero-filling keys >= kend, and stores the keys' classes
-// in kcls (0 without classes or past kend). The caller commits and waits.
+// One warp issues the cp.async copies of the K rows (and V rows when vs != nullptr) of keys j0 .. j0 + 15 of kv head
+// kvh of sequence b into ks / vs [kChunk, kStride], paged through block_table or not, zero-filling keys >= kend,
+// and the keys' classes into cls [kChunk] (0 without classes or past kend). The caller commits and waits.
+// A chunk never straddles a page: chunks start at multiples of 16 and pages hold a multiple of 16 keys.
 template <typename T, int D>
-__device__ __forceinline__ void load_kv_tile(const DecodeParams& p, int b, int kvh, int j0, int kend, T* kd, T* vd,
-                                             int* kcls) {
-    using Cfg = DecodeConfig<D>;
-    constexpr int TN = Cfg::kTileN;
-    constexpr int KST = Cfg::kKStride;
-    constexpr int DC = Cfg::kChunks;
-    const int tid = threadIdx.x;
+__device__ __forceinline__ void load_chunk(const DecodeParams& p, int b, int kvh, int j0, int kend, T* ks, T* vs,
+                                           int* cls) {
+    constexpr int DC = Tile<D>::kChunks;
+    constexpr int ST = Tile<D>::kStride;
+    const int lane = threadIdx.x % 32;
     const T* __restrict__ kg = static_cast<const T*>(p.k);
     const T* __restrict__ vg = static_cast<const T*>(p.v);
-    for (int idx = tid; idx < TN * DC; idx += kThreads) {
+    int64_t page = b, row = j0;
+    if (p.block_table != nullptr) {
+        page = j0 < kend ? p.block_table[b * p.block_table_batch_stride + j0 / p.block_size] : 0;
+        row = j0 % p.block_size;
+    }
+    const T* kb = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride;
+    const T* vb = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride;
+#pragma unroll
+    for (int idx = lane; idx < kChunk * DC; idx += 32) {
         const int n = idx / DC, c = idx % DC;
-        const int j = j0 + n;
-        const bool ok = j < kend;
-        const T* kp = kg;
-        const T* vp = vg;
-        if (ok) {
-            int64_t page, row;
-            if (p.block_table != nullptr) {
-                page = p.block_table[b * p.block_table_batch_stride + j / p.block_size];
-                row = j % p.block_size;
-            } else {
-                page = b;
-                row = j;
-            }
-            kp = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride + c * 8;
-            vp = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride + c * 8;
-        }
-        cp_async16(kd + n * KST + c * 8, kp, ok);
-        if (vd != nullptr) cp_async16(vd + n * KST + c * 8, vp, ok);
+        const bool ok = j0 + n < kend;
+        cp_async16(ks + n * ST + c * 8, ok ? kb + n * p.k_seq_stride + c * 8 : kg, ok);
+        if (vs != nullptr) cp_async16(vs + n * ST + c * 8, ok ? vb + n * p.v_seq_stride + c * 8 : vg, ok);
     }
-    for (int n = tid; n < TN; n += kThreads) {
-        const int j = j0 + n;
-        kcls[n] = (p.key_class != nullptr && j < kend) ? p.key_class[b * p.key_class_batch_stride + j] : 0;
+    if (lane < kChunk) {
+        const int j = j0 + lane;
+        if (p.key_class != nullptr) {
+            const bool ok = j < kend;
+            cp_async4(cls + lane, ok ? p.key_class + b * p.key_class_batch_stride + j : p.key_class, ok);
+        } else {
+            cls[lane] = 0;
+        }
     }
 }
 
-// Ss[r, n] = z' of row row0 + r and key j0 + n, for the Rc rows in Qs and the TN keys of the K tile ktile (shared
-// memory): (scale q) . k in fp32, the class-wise re-weighting, then -inf where the key is >= kend or hidden by the
-// bottom-right causal mask (query qi sees key j iff j <= qi + causal_off). Thread = (key n, row group).
-template <typename T, int D, int ROWS = max_rows<D>()>
-__device__ __forceinline__ void score_tile(const T* ktile, const int* kcls, const float* Qs, const float* mul_s,
-                                           const float* abs_s, const float* add_s, bool has_rw, bool causal,
-                                           int causal_off, int Sq, int row0, int Rc, int j0, int kend, float* Ss) {
-    using Cfg = DecodeConfig<D, ROWS>;
-    constexpr int TN = Cfg::kTileN;
-    constexpr int KST = Cfg::kKStride;
-    constexpr int DC = Cfg::kChunks;
-    constexpr int SST = TN + 1;
-    const int qk_n = threadIdx.x % TN, qk_g = threadIdx.x / TN;
-    const T* krow = ktile + qk_n * KST;
-    float acc[Cfg::kQkRowsPerThread];
+// The last key row r of the tile sees (-1: none): kend - 1, or its bottom-right causal limit (query qi sees key j
+// iff j <= qi + seqlen - Sq). Rows r >= Rc see nothing.
+__device__ __forceinline__ int row_key_limit(const DecodeParams& p, int row0, int r, int Rc, int kend, int seqlen) {
+    if (r >= Rc) return -1;
+    const int qi = (row0 + r) % p.Sq;
+    return p.causal ? min(kend - 1, qi + seqlen - p.Sq) : kend - 1;
+}
+
+// s[nt][e] = z' of tile row g + 8 (e / 2) and key j0 + nt * 8 + 2 t + e % 2 of a warp's chunk (g = lane / 4, t =
+// lane % 4: the mma accumulator layout): q . k on the tensor cores with fp32 accumulation, times the scale, the
+// class-wise re-weighting with the row's coefficients for the key's class, then -inf past the row's last visible
+// key lim[e / 2].
+template <typename T, int D>
+__device__ __forceinline__ void score_chunk(const T* Qs, const T* ks, const int* cls, const float* coef, bool has_rw,
+                                            float scale, int j0, const int (&lim)[2], float (&s)[2][4]) {
+    constexpr int ST = Tile<D>::kStride;
+    constexpr int NC = kTileRows * kDecodeMaxClasses;
+    const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) acc[i] = 0.f;
-#pragma unroll 4
-    for (int c = 0; c < DC; ++c) {
-        float kf[8];
-        load8(krow + c * 8, kf);
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
-        for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
-            const int r = qk_g + i * Cfg::kQkGroups;
-            if (r < Rc) {
-                const float4 q0 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8);
-                const float4 q1 = *reinterpret_cast<const float4*>(Qs + r * D + c * 8 + 4);
-                acc[i] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] +
-                          q1.y * kf[5] + q1.z * kf[6] + q1.w * kf[7];
-            }
-        }
+        for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    // ldmatrix addresses: Q rows lane % 16, columns + 8 for lanes >= 16 (A fragment); K keys (lane / 16) * 8 +
+    // lane % 8, columns + 8 for odd lane / 8 (B fragments of keys 0-7 and 8-15).
+    const T* qa = Qs + (lane % 16) * ST + (lane / 16) * 8;
+    const T* ka = ks + ((lane / 16) * 8 + lane % 8) * ST + ((lane / 8) % 2) * 8;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t a[4], kf[4];
+        ldmatrix_x4(a, qa + kk * 16);
+        ldmatrix_x4(kf, ka + kk * 16);
+        mma_16816<T>(s[0], a, kf[0], kf[1]);
+        mma_16816<T>(s[1], a, kf[2], kf[3]);
     }
-    const int j = j0 + qk_n;
-    const int kc = kcls[qk_n];
 #pragma unroll
-    for (int i = 0; i < Cfg::kQkRowsPerThread; ++i) {
-        const int r = qk_g + i * Cfg::kQkGroups;
-        if (r < Rc) {
-            float s = acc[i];
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int n = nt * 8 + 2 * t + (e & 1), r = g + 8 * (e >> 1);
+            float z = s[nt][e] * scale;
             if (has_rw) {
-                const int w = r * kDecodeMaxClasses + kc;
-                s = s + s * mul_s[w] + abs_s[w] * fabsf(s) + add_s[w];
+                const int w = r * kDecodeMaxClasses + cls[n];
+                z = z + z * coef[w] + coef[NC + w] * fabsf(z) + coef[2 * NC + w];
             }
-            const int qi = (row0 + r) % Sq;
-            const bool visible = j < kend && (!causal || j <= qi + causal_off);
-            Ss[r * SST + qk_n] = visible ? s : -INFINITY;
+            s[nt][e] = j0 + n <= lim[e >> 1] ? z : -INFINITY;
         }
-    }
 }
 
-template <typename T, int D> size_t split_smem_bytes(int rows_cap) {
-    using Cfg = DecodeConfig<D>;
-    size_t bytes = 2ull * kStages * Cfg::kTileN * Cfg::kKStride * sizeof(T);  // K, V tiles
-    bytes += size_t(rows_cap) * D * sizeof(float);                           // Q (fp32, pre-scaled)
-    bytes += size_t(rows_cap) * (Cfg::kTileN + 1) * sizeof(float);           // S / P
-    bytes += size_t(kStages) * Cfg::kTileN * sizeof(int);                    // key classes
-    bytes += size_t(rows_cap) * kDecodeMaxClasses * 3 * sizeof(float);      // per-row reweight coefficients
-    bytes += size_t(rows_cap) * 3 * sizeof(float);                           // m, alpha, l
-    return bytes;
-}
+// ---- The split kernel.
 
-template <typename T, int D, int ROWS>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p, const int rows_cap) {
-    using Cfg = DecodeConfig<D, ROWS>;
-    constexpr int TN = Cfg::kTileN;
-    constexpr int KST = Cfg::kKStride;
-    constexpr int DC = Cfg::kChunks;
-    constexpr int SST = TN + 1;
+// Shared memory of the split kernel (bytes): row coefficients, the Q tile, then per warp kStages x (K chunk, V chunk)
+// (after the key loop reused for the warps' partial results: max [16], O [16, D], masses [16, 8] fp32), then per warp
+// kStages x 16 key classes.
+template <typename T, int D> struct SplitSmem {
+    static constexpr int kCoef = 0;
+    static constexpr int kQ = kCoef + kCoefFloats * 4;
+    static constexpr int kStageElems = 2 * kChunk * Tile<D>::kStride;
+    static constexpr int kPipe = kQ + kTileRows * Tile<D>::kStride * int(sizeof(T));
+    static constexpr int kPipeBytes = kWarps * Tile<D>::kStages * kStageElems * int(sizeof(T));
+    static constexpr int kPartFloats = kTileRows * (1 + D + kDecodeMaxClasses);  // one warp's partial result
+    static constexpr int kMergeBytes = kWarps * kPartFloats * 4;
+    static constexpr int kCls = kPipe + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
+    static constexpr int kBytes = kCls + kWarps * Tile<D>::kStages * kChunk * 4;
+};
 
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* Ks = reinterpret_cast<T*>(smem_raw);
-    T* Vs = Ks + kStages * TN * KST;
-    float* Qs = reinterpret_cast<float*>(Vs + kStages * TN * KST);
-    float* Ss = Qs + rows_cap * D;
-    int* kcls_s = reinterpret_cast<int*>(Ss + rows_cap * SST);
-    float* mul_s = reinterpret_cast<float*>(kcls_s + kStages * TN);
-    float* abs_s = mul_s + rows_cap * kDecodeMaxClasses;
-    float* add_s = abs_s + rows_cap * kDecodeMaxClasses;
-    float* m_s = add_s + rows_cap * kDecodeMaxClasses;
-    float* alpha_s = m_s + rows_cap;
-    float* l_s = alpha_s + rows_cap;
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
+    using L = SplitSmem<T, D>;
+    constexpr int ST = Tile<D>::kStride;
+    constexpr int NS = Tile<D>::kStages;
+    constexpr int OT = D / 8;  // n8 tiles of O
+    AVAR_DYNAMIC_SMEM(smem);
+    float* coef = reinterpret_cast<float*>(smem + L::kCoef);
+    T* Qs = reinterpret_cast<T*>(smem + L::kQ);
 
-    const int tid = threadIdx.x;
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
     const int b = blockIdx.x / p.Hk;
     const int kvh = blockIdx.x % p.Hk;
     const int split = blockIdx.y;
     const int group = p.Hq / p.Hk;
-    const int R = group * p.Sq;
-    const int row0 = blockIdx.z * Cfg::kRows;
-    const int Rc = min(R - row0, Cfg::kRows);  // rows held by this CTA (<= rows_cap)
-    const int Sq = p.Sq;
-    const int C = p.C;
+    const int row0 = blockIdx.z * kTileRows;
+    const int Rc = min(group * p.Sq - row0, kTileRows);  // rows held by this CTA
+    const int Sq = p.Sq, C = p.C;
     const int seqlen = p.cache_seqlens[b];
     const int kbeg = split * p.keys_per_split;
     const int kend = min(kbeg + p.keys_per_split, seqlen);
-    const int ntiles = kend > kbeg ? (kend - kbeg + TN - 1) / TN : 0;
+    const int nchunks = kend > kbeg ? (kend - kbeg + kChunk - 1) / kChunk : 0;
+    const int my_chunks = nchunks > warp ? (nchunks - warp + kWarps - 1) / kWarps : 0;
     const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
-    const int causal_off = seqlen - Sq;  // query i sees key j iff j <= i + causal_off
 
-    // ---- Q (pre-scaled fp32), per-row reweight coefficients, running max.
-    load_query_rows<T, D>(p, b, kvh, row0, Rc, Qs, mul_s, abs_s, add_s);
-    for (int r = tid; r < rows_cap; r += kThreads) {
-        m_s[r] = -INFINITY;
-        alpha_s[r] = 1.f;
-        l_s[r] = 0.f;
-    }
-
-    // ---- K/V tile loader (paged or not), zero-filling keys past kend.
-    auto load_tile = [&](int t, int stage) {
-        load_kv_tile<T, D>(p, b, kvh, kbeg + t * TN, kend, Ks + stage * TN * KST, Vs + stage * TN * KST,
-                           kcls_s + stage * TN);
-    };
-
-    // Thread roles (S = Q K^T: score_tile).
-    // O += P V: thread = (column chunk pv_c, group pv_g). With few rows (decode: Sq = 1, a small GQA group) the
-    // groups are split further over the keys of a tile (pv_ks sub-splits, key n handled by sub n % pv_ks); the
-    // sub-split partial sums share every rescaling and are added once after the key loop.
-    const int pv_c = tid % Cfg::kChunksX, pv_g = tid / Cfg::kChunksX;
-    const int pv_ks = Rc >= Cfg::kPvGroups ? 1 : Cfg::kPvGroups / Rc;
-    const int pv_rgs = Cfg::kPvGroups / pv_ks;  // row groups (>= Rc when pv_ks > 1)
-    const bool pv_active = pv_g < pv_rgs * pv_ks;
-    const int pv_rg = pv_g % pv_rgs, pv_sub = pv_g / pv_rgs;
-    const int warp = tid / 32, lane = tid % 32;
-
-    float o[Cfg::kPvRowsPerThread][8];
-#pragma unroll
-    for (int i = 0; i < Cfg::kPvRowsPerThread; ++i)
-#pragma unroll
-        for (int e = 0; e < 8; ++e) o[i][e] = 0.f;
-
-    if (ntiles > 0) {
-        load_tile(0, 0);
+    T* wstage = reinterpret_cast<T*>(smem + L::kPipe) + warp * NS * L::kStageElems;
+    int* wcls = reinterpret_cast<int*>(smem + L::kCls) + warp * NS * kChunk;
+    // Chunk i of this warp (keys kbeg + (warp + 4 i) * 16 ...) into stage i % NS; one commit group per chunk, empty
+    // past the warp's last chunk, so that wait_group<NS - 1> always means "chunk i has landed".
+    auto issue = [&](int i) {
+        if (i < my_chunks) {
+            const int st = i % NS;
+            load_chunk<T, D>(p, b, kvh, kbeg + (warp + i * kWarps) * kChunk, kend, wstage + st * L::kStageElems,
+                             wstage + st * L::kStageElems + kChunk * ST, wcls + st * kChunk);
+        }
         cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < NS - 1; ++i) issue(i);
+    load_row_tile<T, D>(p, b, kvh, row0, Rc, Qs, coef);
+    __syncthreads();  // the Q tile and coefficients are read by every warp
+
+    const int lim[2] = {row_key_limit(p, row0, g, Rc, kend, seqlen), row_key_limit(p, row0, g + 8, Rc, kend, seqlen)};
+    float o[OT][4];     // O of rows g, g + 8 (accumulator layout), columns nt * 8 + 2 t ..
+    float ms[4];        // masses: columns = key classes (class 0 = all keys without classes)
+    float m[2] = {-INFINITY, -INFINITY};  // running max of rows g, g + 8 (over this warp's keys)
+#pragma unroll
+    for (int nt = 0; nt < OT; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[nt][e] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ms[e] = 0.f;
+
+    for (int i = 0; i < my_chunks; ++i) {
+        issue(i + NS - 1);
+        cp_async_wait<NS - 1>();
+        __syncwarp();  // every lane's copies of chunk i are visible to the warp
+        const int st = i % NS;
+        const T* ks = wstage + st * L::kStageElems;
+        const T* vs = ks + kChunk * ST;
+        const int* cls = wcls + st * kChunk;
+        const int j0 = kbeg + (warp + i * kWarps) * kChunk;
+
+        float s[2][4];
+        score_chunk<T, D>(Qs, ks, cls, coef, has_rw, p.scale, j0, lim, s);
+
+        // Online softmax over the chunk: rows g (e = 0, 1) and g + 8 (e = 2, 3); a row's 16 scores sit in a quad.
+        float alpha[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const float mx = quad_max(fmaxf(fmaxf(s[0][2 * h], s[0][2 * h + 1]), fmaxf(s[1][2 * h], s[1][2 * h + 1])));
+            const float m_new = fmaxf(m[h], mx);
+            // No visible key yet: P = 0 (exp2(-inf)) and nothing to rescale.
+            const float base = m_new == -INFINITY ? 0.f : m_new * kLog2e;
+            alpha[h] = m_new == -INFINITY ? 1.f : exp2f(m[h] * kLog2e - base);
+#pragma unroll
+            for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+                for (int e = 2 * h; e < 2 * h + 2; ++e) s[nt][e] = exp2f(s[nt][e] * kLog2e - base);
+            m[h] = m_new;
+        }
+#pragma unroll
+        for (int nt = 0; nt < OT; ++nt) {
+            o[nt][0] *= alpha[0];
+            o[nt][1] *= alpha[0];
+            o[nt][2] *= alpha[1];
+            o[nt][3] *= alpha[1];
+        }
+        ms[0] *= alpha[0];
+        ms[1] *= alpha[0];
+        ms[2] *= alpha[1];
+        ms[3] *= alpha[1];
+
+        // P as the A operand (the accumulator layout of S is the A layout of a k = 16 product).
+        const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
+                                pack2<T>(s[1][2], s[1][3])};
+        // Masses: B[key][class] = onehot(class(key)); this lane's operand is keys 2t, 2t + 1 (and + 8) at class g.
+        const float one = 1.f;
+        mma_16816<T>(ms, pa, pack2<T>(cls[2 * t] == g ? one : 0.f, cls[2 * t + 1] == g ? one : 0.f),
+                     pack2<T>(cls[2 * t + 8] == g ? one : 0.f, cls[2 * t + 9] == g ? one : 0.f));
+        // O += P V: V rows lane % 16, columns + 8 for lanes >= 16, transposed (B fragments of two n8 column tiles).
+        const T* va = vs + (lane % 16) * ST + (lane / 16) * 8;
+#pragma unroll
+        for (int dt = 0; dt < D / 16; ++dt) {
+            uint32_t vf[4];
+            ldmatrix_x4_trans(vf, va + dt * 16);
+            mma_16816<T>(o[2 * dt], pa, vf[0], vf[1]);
+            mma_16816<T>(o[2 * dt + 1], pa, vf[2], vf[3]);
+        }
+        __syncwarp();  // the stage is refilled by the next iteration's issue
     }
-    for (int t = 0; t < ntiles; ++t) {
-        const int stage = t & 1;
-        if (t + 1 < ntiles) {
-            load_tile(t + 1, stage ^ 1);
-            cp_async_commit();
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
-        __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // every warp is done with its stages: they become the partial results
 
-        // ---- S = (scale q) k^T, re-weighted and masked.
-        score_tile<T, D, ROWS>(Ks + stage * TN * KST, kcls_s + stage * TN, Qs, mul_s, abs_s, add_s, has_rw, p.causal,
-                         causal_off, Sq, row0, Rc, kbeg + t * TN, kend, Ss);
-        __syncthreads();
-
-        // ---- online softmax: one warp per row.
-        for (int r = warp; r < Rc; r += kThreads / 32) {
-            float* srow = Ss + r * SST;
-            float sv[TN / 32];
-            float mx = -INFINITY;
-#pragma unroll
-            for (int i = 0; i < TN / 32; ++i) {
-                sv[i] = srow[lane + 32 * i];
-                mx = fmaxf(mx, sv[i]);
-            }
-            mx = warp_max(mx);
-            const float m_old = m_s[r];
-            const float m_new = fmaxf(m_old, mx);
-            float alpha = 1.f;
-            if (m_new == -INFINITY) {
-#pragma unroll
-                for (int i = 0; i < TN / 32; ++i) srow[lane + 32 * i] = 0.f;
-            } else {
-                alpha = __expf(m_old - m_new);
-#pragma unroll
-                for (int i = 0; i < TN / 32; ++i) srow[lane + 32 * i] = __expf(sv[i] - m_new);
-            }
-            __syncwarp();
-            if (lane == 0) {
-                m_s[r] = m_new;
-                alpha_s[r] = alpha;
-            }
+    // ---- merge the 4 warps' partial results: part[w] = max [16], O [16, D], masses [16, 8].
+    float* part = reinterpret_cast<float*>(smem + L::kPipe);
+    {
+        float* mine = part + warp * L::kPartFloats;
+        float* pm = mine;
+        float* po = mine + kTileRows;
+        float* pc = po + kTileRows * D;
+        if (t == 0) {
+            pm[g] = m[0];
+            pm[g + 8] = m[1];
         }
-        __syncthreads();
-
-        // ---- O = alpha O + P V; the class chunk accumulates P over one-hot key classes (masses, row sum).
-        if (pv_active) {
 #pragma unroll
-            for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-                const int r = pv_rg + i * pv_rgs;
-                if (r < Rc) {
-                    const float a = alpha_s[r];
+        for (int nt = 0; nt < OT; ++nt)
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) o[i][e] *= a;
-                }
-            }
-            const T* vcol = Vs + stage * TN * KST + pv_c * 8;
-            const int* kcs = kcls_s + stage * TN;
-#pragma unroll 2
-            for (int n = pv_sub; n < TN; n += pv_ks) {
-                float vf[8];
-                if (pv_c < DC) {
-                    load8(vcol + n * KST, vf);
-                } else {
-                    const int kc = kcs[n];
+            for (int e = 0; e < 4; ++e) po[(g + 8 * (e >> 1)) * D + nt * 8 + 2 * t + (e & 1)] = o[nt][e];
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) vf[e] = kc == e ? 1.f : 0.f;
-                }
-#pragma unroll
-                for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-                    const int r = pv_rg + i * pv_rgs;
-                    if (r < Rc) {
-                        const float pr = Ss[r * SST + n];
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) o[i][e] += pr * vf[e];
-                    }
-                }
-            }
-        }
-        __syncthreads();
-    }
-
-    // ---- add the key sub-split partial sums (pv_ks > 1 implies one row per thread, i = 0); the K/V tiles are free.
-    if (pv_ks > 1) {
-        constexpr int W = Cfg::kChunksX * 8;
-        float* red = reinterpret_cast<float*>(smem_raw);
-        if (pv_active && pv_sub > 0 && pv_rg < Rc) {
-            float* dst = red + ((pv_sub - 1) * Rc + pv_rg) * W + pv_c * 8;
-#pragma unroll
-            for (int e = 0; e < 8; ++e) dst[e] = o[0][e];
-        }
-        __syncthreads();
-        if (pv_active && pv_sub == 0 && pv_rg < Rc) {
-            for (int sub = 1; sub < pv_ks; ++sub) {
-                const float* src = red + ((sub - 1) * Rc + pv_rg) * W + pv_c * 8;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) o[0][e] += src[e];
-            }
-        }
-    }
-    const bool writer = pv_active && pv_sub == 0;
-
-    // ---- finalize: l = sum of the class columns; write normalized out, lse, mass.
-    if (writer && pv_c == DC) {
-#pragma unroll
-        for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-            const int r = pv_rg + i * pv_rgs;
-            if (r < Rc) {
-                float l = 0.f;
-#pragma unroll
-                for (int e = 0; e < 8; ++e) l += o[i][e];
-                l_s[r] = l;
-            }
-        }
+        for (int e = 0; e < 4; ++e) pc[(g + 8 * (e >> 1)) * kDecodeMaxClasses + 2 * t + (e & 1)] = ms[e];
     }
     __syncthreads();
-    if (!writer) return;
+
+    // Thread = (row r, 8-column piece c of O, or c = D / 8: lse and masses).
     const int64_t rows_total = int64_t(p.B) * p.Hq * Sq;
+    for (int idx = tid; idx < Rc * (OT + 1); idx += kThreads) {
+        const int r = idx / (OT + 1), c = idx % (OT + 1);
+        float mx = -INFINITY;
 #pragma unroll
-    for (int i = 0; i < Cfg::kPvRowsPerThread; ++i) {
-        const int r = pv_rg + i * pv_rgs;
-        if (r >= Rc) continue;
-        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
-        const float l = l_s[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        const float lse_v = l > 0.f ? m_s[r] + logf(l) : -INFINITY;
-        const int64_t row_id = (int64_t(b) * p.Hq + h) * Sq + qi;
+        for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, part[w * L::kPartFloats + r]);
+        float f[kWarps];
+        float l = 0.f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float* pw = part + w * L::kPartFloats;
+            const float mw = pw[r];
+            f[w] = mw == -INFINITY ? 0.f : exp2f((mw - mx) * kLog2e);
+            const float* pc = pw + kTileRows + kTileRows * D + r * kDecodeMaxClasses;
+            float sw = 0.f;
+#pragma unroll
+            for (int e = 0; e < kDecodeMaxClasses; ++e) sw += pc[e];
+            l += f[w] * sw;
+        }
+        // l = 0: no visible key (out = 0, mass = 0, lse = -inf); a NaN l (NaN scores) propagates.
+        const bool empty = l <= 0.f;
+        const float inv = empty ? 0.f : 1.f / l;
         float vals[8];
 #pragma unroll
-        for (int e = 0; e < 8; ++e) vals[e] = o[i][e] * inv;
+        for (int e = 0; e < 8; ++e) {
+            float acc = 0.f;
+#pragma unroll
+            for (int w = 0; w < kWarps; ++w) {
+                const float* pw = part + w * L::kPartFloats;
+                const float x = c < OT ? pw[kTileRows + r * D + c * 8 + e]
+                                       : pw[kTileRows + kTileRows * D + r * kDecodeMaxClasses + e];
+                acc += f[w] * x;
+            }
+            vals[e] = acc * inv;
+        }
+        const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
+        const int64_t row_id = (int64_t(b) * p.Hq + h) * Sq + qi;
+        const float lse_v = empty ? -INFINITY : mx + logf(l);
         if (p.num_splits == 1) {
-            if (pv_c < DC) {
+            if (c < OT) {
                 T* dst = static_cast<T*>(p.out) + b * p.out_batch_stride + qi * p.out_seq_stride +
-                         h * p.out_head_stride + pv_c * 8;
+                         h * p.out_head_stride + c * 8;
                 store8(dst, vals);
             } else {
                 p.lse[row_id] = lse_v;
@@ -468,8 +522,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
             }
         } else {
             const int64_t wrow = int64_t(split) * rows_total + row_id;
-            if (pv_c < DC) {
-                float4* dst = reinterpret_cast<float4*>(p.ws_out + wrow * D + pv_c * 8);
+            if (c < OT) {
+                float4* dst = reinterpret_cast<float4*>(p.ws_out + wrow * D + c * 8);
                 dst[0] = make_float4(vals[0], vals[1], vals[2], vals[3]);
                 dst[1] = make_float4(vals[4], vals[5], vals[6], vals[7]);
             } else {
@@ -483,10 +537,13 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 }
 
 // One warp per output row: lse_total = logsumexp_s lse_s; out = sum_s exp(lse_s - lse_total) out_s (same for mass).
+constexpr size_t kCombineSmemBytes = sizeof(float) * kCombineRowsPerBlock * kDecodeMaxSplits;
+
 template <typename T>
 __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kernel(const DecodeParams p) {
-    __shared__ float wsh[kCombineRowsPerBlock][kDecodeMaxSplits];
+    AVAR_DYNAMIC_SMEM(smem);
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    float* wsh = reinterpret_cast<float*>(smem) + warp * kDecodeMaxSplits;  // this row's split weights
     const int64_t rows_total = int64_t(p.B) * p.Hq * p.Sq;
     const int64_t row = int64_t(blockIdx.x) * kCombineRowsPerBlock + warp;
     if (row >= rows_total) return;
@@ -497,7 +554,7 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
     float sum = 0.f;
     for (int s = lane; s < S; s += 32) {
         const float w = mx == -INFINITY ? 0.f : __expf(p.ws_lse[s * rows_total + row] - mx);
-        wsh[warp][s] = w;
+        wsh[s] = w;
         sum += w;
     }
     sum = warp_sum(sum);
@@ -510,7 +567,7 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
     for (int d = lane; d < p.D; d += 32) {
         float acc = 0.f;
         for (int s = 0; s < S; ++s) {
-            const float w = wsh[warp][s];
+            const float w = wsh[s];
             if (w != 0.f) acc += w * p.ws_out[(s * rows_total + row) * p.D + d];
         }
         out[d] = from_float<T>(acc * inv);
@@ -518,7 +575,7 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
     for (int c = lane; c < p.C; c += 32) {
         float acc = 0.f;
         for (int s = 0; s < S; ++s) {
-            const float w = wsh[warp][s];
+            const float w = wsh[s];
             if (w != 0.f) acc += w * p.ws_mass[(s * rows_total + row) * p.C + c];
         }
         p.mass[row * p.C + c] = acc * inv;
@@ -528,129 +585,112 @@ __global__ void __launch_bounds__(32 * kCombineRowsPerBlock) decode_combine_kern
 
 // ---- Key masses: key_mass[b, h, j, c] = sum over the new rows i of query class c of P[b, h, i, j].
 // A row's normaliser is its final lse, known only after every split and the combine, so this is a second kernel:
-// grid (key block of kTileN keys, B * Hk). A CTA loads its K tile once (no V), then walks the kv head's GQA group in
-// chunks of whole query heads (a head's Sq rows are summed together, so a chunk never splits a head), recomputes
-// the chunk's scores with score_tile (the forward's z', bit for bit the same code), and sums P = exp(z' - lse) per
-// key and query class (P = 0 for masked keys and for rows that see no key, lse = -inf). Each key belongs to one CTA:
-// no atomics, and blocks past a cache's end write their zeros (the output is not pre-zeroed).
+// grid (key block of kKeysPerCta keys, B * Hk). Each warp loads its 16-key K chunk once (no V), then the CTA walks
+// the kv head's GQA group in row tiles of whole query heads (a head's Sq rows are summed together, so a tile never
+// splits a head); per tile each warp recomputes its chunk's scores with score_chunk (the forward's z', same code
+// and operands) and sums P = exp(z' - lse) per key and query class (P = 0 for masked keys and for rows that see no
+// key, lse = -inf). Each key belongs to one CTA: no atomics, and blocks past a cache's end write their zeros (the
+// output is not pre-zeroed).
 
-template <typename T, int D> size_t key_mass_smem_bytes(int rows_cap) {
-    using Cfg = DecodeConfig<D>;
-    size_t bytes = size_t(Cfg::kTileN) * Cfg::kKStride * sizeof(T);       // K tile
-    bytes += size_t(rows_cap) * D * sizeof(float);                      // Q (fp32, pre-scaled)
-    bytes += size_t(rows_cap) * (Cfg::kTileN + 1) * sizeof(float);      // S
-    bytes += size_t(Cfg::kTileN) * sizeof(int);                         // key classes
-    bytes += size_t(rows_cap) * kDecodeMaxClasses * 3 * sizeof(float);  // per-row reweight coefficients
-    bytes += size_t(rows_cap) * sizeof(float);                          // lse
-    bytes += size_t(kDecodeMaxSq) * sizeof(int);                        // query classes
-    return bytes;
-}
+template <typename T, int D> struct KeyMassSmem {
+    static constexpr int kCoef = 0;
+    static constexpr int kQ = kCoef + kCoefFloats * 4;
+    static constexpr int kK = kQ + kTileRows * Tile<D>::kStride * int(sizeof(T));
+    static constexpr int kP = kK + kWarps * kChunk * Tile<D>::kStride * int(sizeof(T));  // per warp P [16, 17]
+    static constexpr int kCls = kP + kWarps * kTileRows * (kChunk + 1) * 4;
+    static constexpr int kLse = kCls + kWarps * kChunk * 4;
+    static constexpr int kQcls = kLse + kTileRows * 4;
+    static constexpr int kBytes = kQcls + kDecodeMaxSq * 4;
+};
 
-// Query heads per chunk of the key-mass CTA: as many whole heads as fit the kernel's row capacity (kRows >= 32 >=
-// 2 * kDecodeMaxSq, so at least two unless the group is one head).
-template <int D> int key_mass_heads_per_chunk(const DecodeParams& p) {
-    return std::max(1, std::min(p.Hq / p.Hk, DecodeConfig<D>::kRows / std::max(1, p.Sq)));
+// Whole query heads per row tile of the key-mass kernel (Sq <= kTileRows, so at least one).
+inline int key_mass_heads_per_tile(const DecodeParams& p) {
+    return std::max(1, std::min(p.Hq / p.Hk, kTileRows / std::max(1, p.Sq)));
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_key_mass_kernel(const DecodeParams p, const int heads_per_chunk) {
-    using Cfg = DecodeConfig<D>;
-    constexpr int TN = Cfg::kTileN;
-    constexpr int KST = Cfg::kKStride;
-    constexpr int SST = TN + 1;
+__global__ void __launch_bounds__(kThreads) decode_key_mass_kernel(const DecodeParams p, const int heads_per_tile) {
+    using L = KeyMassSmem<T, D>;
+    constexpr int ST = Tile<D>::kStride;
+    constexpr int PST = kChunk + 1;
+    AVAR_DYNAMIC_SMEM(smem);
+    float* coef = reinterpret_cast<float*>(smem + L::kCoef);
+    T* Qs = reinterpret_cast<T*>(smem + L::kQ);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    T* ks = reinterpret_cast<T*>(smem + L::kK) + warp * kChunk * ST;
+    float* Ps = reinterpret_cast<float*>(smem + L::kP) + warp * kTileRows * PST;
+    int* cls = reinterpret_cast<int*>(smem + L::kCls) + warp * kChunk;
+    float* lse_s = reinterpret_cast<float*>(smem + L::kLse);
+    int* qcls_s = reinterpret_cast<int*>(smem + L::kQcls);
+
     const int Sq = p.Sq, C = p.C, group = p.Hq / p.Hk;
-    const int rows_cap = heads_per_chunk * Sq;
-
-    extern __shared__ __align__(16) unsigned char smem_raw[];
-    T* Ks = reinterpret_cast<T*>(smem_raw);
-    float* Qs = reinterpret_cast<float*>(Ks + TN * KST);
-    float* Ss = Qs + rows_cap * D;
-    int* kcls_s = reinterpret_cast<int*>(Ss + rows_cap * SST);
-    float* mul_s = reinterpret_cast<float*>(kcls_s + TN);
-    float* abs_s = mul_s + rows_cap * kDecodeMaxClasses;
-    float* add_s = abs_s + rows_cap * kDecodeMaxClasses;
-    float* lse_s = add_s + rows_cap * kDecodeMaxClasses;
-    int* qcls_s = reinterpret_cast<int*>(lse_s + rows_cap);
-
-    const int tid = threadIdx.x;
-    const int j0 = blockIdx.x * TN;
+    const int j0 = blockIdx.x * kKeysPerCta;
     const int b = blockIdx.y / p.Hk;
     const int kvh = blockIdx.y % p.Hk;
     const int seqlen = p.cache_seqlens[b];
-    const int nkeys = min(TN, p.Sk_max - j0);  // this block's keys inside the output
-    // key_mass[b, h, j0 .. j0 + nkeys - 1, :] is nkeys * C contiguous floats per query head h.
-    auto km_block = [&](int hg) {
-        return p.key_mass + ((int64_t(b) * p.Hq + int64_t(kvh) * group + hg) * p.Sk_max + j0) * C;
+    // key_mass[b, h, j .. j + n - 1, :] is n * C contiguous floats per query head h.
+    auto km_keys = [&](int hg, int j) {
+        return p.key_mass + ((int64_t(b) * p.Hq + int64_t(kvh) * group + hg) * p.Sk_max + j) * C;
     };
     if (j0 >= seqlen) {  // no row sees these keys
+        const int nkeys = min(kKeysPerCta, p.Sk_max - j0);
         for (int hg = 0; hg < group; ++hg) {
-            float* dst = km_block(hg);
+            float* dst = km_keys(hg, j0);
             for (int idx = tid; idx < nkeys * C; idx += kThreads) dst[idx] = 0.f;
         }
         return;
     }
 
-    load_kv_tile<T, D>(p, b, kvh, j0, seqlen, Ks, nullptr, kcls_s);
+    const int jw = j0 + warp * kChunk;                // this warp's keys
+    const int nk = max(0, min(kChunk, p.Sk_max - jw));  // of which inside the output
+    load_chunk<T, D>(p, b, kvh, jw, seqlen, ks, nullptr, cls);
     cp_async_commit();
     for (int qi = tid; qi < Sq; qi += kThreads) qcls_s[qi] = p.query_class[b * p.query_class_batch_stride + qi];
     const bool has_rw = p.mul != nullptr || p.abs_ != nullptr || p.add != nullptr;
-    const int causal_off = seqlen - Sq;
 
-    for (int h0 = 0; h0 < group; h0 += heads_per_chunk) {
-        const int nh = min(heads_per_chunk, group - h0);
+    for (int h0 = 0; h0 < group; h0 += heads_per_tile) {
+        const int nh = min(heads_per_tile, group - h0);
         const int row0 = h0 * Sq, Rc = nh * Sq;
-        if (h0 > 0) __syncthreads();  // the previous chunk's sums have read Ss and lse_s
-        load_query_rows<T, D>(p, b, kvh, row0, Rc, Qs, mul_s, abs_s, add_s);
-        for (int r = tid; r < Rc; r += kThreads) {
+        if (h0 > 0) __syncthreads();  // the previous tile's Q, coefficients and lse have been read
+        load_row_tile<T, D>(p, b, kvh, row0, Rc, Qs, coef);
+        for (int r = tid; r < kTileRows; r += kThreads) {
             const int gr = row0 + r, h = kvh * group + gr / Sq, qi = gr % Sq;
-            lse_s[r] = p.lse[(int64_t(b) * p.Hq + h) * Sq + qi];
+            lse_s[r] = r < Rc ? p.lse[(int64_t(b) * p.Hq + h) * Sq + qi] : -INFINITY;
         }
         cp_async_wait<0>();
         __syncthreads();
-        score_tile<T, D>(Ks, kcls_s, Qs, mul_s, abs_s, add_s, has_rw, p.causal, causal_off, Sq, row0, Rc, j0, seqlen,
-                         Ss);
-        __syncthreads();
-        // Thread = (head, key, class) of the chunk; consecutive threads write consecutive floats. Each (row, key)
-        // P is formed once, by the thread of the row's class; keys >= seqlen have S = -inf and get 0.
-        for (int idx = tid; idx < nh * nkeys * C; idx += kThreads) {
-            const int hl = idx / (nkeys * C), rem = idx % (nkeys * C), n = rem / C, c = rem % C;
-            float acc = 0.f;
-            for (int qi = 0; qi < Sq; ++qi) {
-                if (qcls_s[qi] != c) continue;
-                const int r = hl * Sq + qi;
-                const float s = Ss[r * SST + n], lse = lse_s[r];
+        const int lim[2] = {row_key_limit(p, row0, g, Rc, seqlen, seqlen),
+                            row_key_limit(p, row0, g + 8, Rc, seqlen, seqlen)};
+        float s[2][4];
+        score_chunk<T, D>(Qs, ks, cls, coef, has_rw, p.scale, jw, lim, s);
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int r = g + 8 * (e >> 1), n = nt * 8 + 2 * t + (e & 1);
+                const float lse = lse_s[r];
                 // NaN in s or lse propagates (as in plain attention); masked keys and empty rows add nothing.
-                if (s != -INFINITY && lse != -INFINITY) acc += __expf(s - lse);
+                Ps[r * PST + n] = (s[nt][e] == -INFINITY || lse == -INFINITY) ? 0.f : __expf(s[nt][e] - lse);
             }
-            km_block(h0 + hl)[rem] = acc;
+        __syncwarp();
+        // Lane = (head, key, class) of the tile; consecutive lanes write consecutive floats.
+        for (int idx = lane; idx < nh * nk * C; idx += 32) {
+            const int hl = idx / (nk * C), rem = idx % (nk * C), n = rem / C, c = rem % C;
+            float acc = 0.f;
+            for (int qi = 0; qi < Sq; ++qi)
+                if (qcls_s[qi] == c) acc += Ps[(hl * Sq + qi) * PST + n];
+            km_keys(h0 + hl, jw)[rem] = acc;
         }
     }
 }
 
-// The split kernel's instantiation for p: kSmallRows rows per CTA when the kv head's rows fit, else max_rows<D>().
-template <int D> int rows_bucket(const DecodeParams& p) {
-    return (p.Hq / p.Hk) * p.Sq <= kSmallRows ? kSmallRows : max_rows<D>();
-}
+template <typename T, int D> constexpr size_t split_smem_bytes() { return size_t(SplitSmem<T, D>::kBytes); }
+template <typename T, int D> constexpr size_t key_mass_smem_bytes() { return size_t(KeyMassSmem<T, D>::kBytes); }
 
-template <int D> int row_chunks(const DecodeParams& p) {
-    const int R = (p.Hq / p.Hk) * p.Sq;
-    return (R + rows_bucket<D>(p) - 1) / rows_bucket<D>(p);
-}
+inline int row_tiles(const DecodeParams& p) { return ((p.Hq / p.Hk) * p.Sq + kTileRows - 1) / kTileRows; }
 
-template <int D> int rows_cap(const DecodeParams& p) {
-    return std::min((p.Hq / p.Hk) * p.Sq, rows_bucket<D>(p));
-}
-
-// The split kernel's instantiation for p's row count (rows_bucket).
-template <typename T, int D> auto split_kernel(const DecodeParams& p) {
-    return rows_bucket<D>(p) == kSmallRows ? decode_split_kernel<T, D, kSmallRows>
-                                           : decode_split_kernel<T, D, max_rows<D>()>;
-}
-
-// The shared-memory limit is raised once (avar_decode_prepare), not per launch: cudaFuncSetAttribute costs a
-// driver call on every decode step otherwise.
-// The split kernel's shared-memory limit, and the largest shared-memory carveout: its K/V tiles come through
-// cp.async.cg (not L1), and the 8-row instantiation (about 76 KB at D=128, 56 registers) fits 3 CTAs per SM there.
+// The split kernel's shared-memory limit and the largest shared-memory carveout (its K/V chunks come through
+// cp.async.cg, not L1), raised once (avar_decode_prepare), not per launch: cudaFuncSetAttribute costs a driver call.
 template <typename Kernel> cudaError_t prepare_smem(Kernel kernel, size_t bytes) {
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
     if (err != cudaSuccess) return err;
@@ -658,39 +698,40 @@ template <typename Kernel> cudaError_t prepare_smem(Kernel kernel, size_t bytes)
 }
 
 template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, int* ctas_per_sm) {
-    constexpr int kMax = max_rows<D>();
-    cudaError_t err = prepare_smem(decode_split_kernel<T, D, kMax>, split_smem_bytes<T, D>(kMax));
+    (void)p;
+    cudaError_t err = prepare_smem(decode_split_kernel<T, D>, split_smem_bytes<T, D>());
     if (err != cudaSuccess) return err;
-    err = prepare_smem(decode_split_kernel<T, D, kSmallRows>, split_smem_bytes<T, D>(kSmallRows));
-    if (err != cudaSuccess) return err;
-    // The key-mass kernel of the same (dtype, head dim) needs up to ~72 KB too (kRows rows of fp32 Q and S).
     err = cudaFuncSetAttribute(decode_key_mass_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               int(key_mass_smem_bytes<T, D>(DecodeConfig<D>::kRows)));
+                               int(key_mass_smem_bytes<T, D>()));
     if (err != cudaSuccess) return err;
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, split_kernel<T, D>(p), kThreads,
-                                                         split_smem_bytes<T, D>(rows_cap<D>(p)));
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(ctas_per_sm, decode_split_kernel<T, D>, kThreads,
+                                                         split_smem_bytes<T, D>());
 }
 
 template <typename T, int D> cudaError_t launch_split(const DecodeParams& p, cudaStream_t stream) {
-    const int rc = rows_cap<D>(p);
-    const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_chunks<D>(p)));
-    split_kernel<T, D>(p)<<<grid, kThreads, split_smem_bytes<T, D>(rc), stream>>>(p, rc);
+    const dim3 grid(unsigned(p.B * p.Hk), unsigned(p.num_splits), unsigned(row_tiles(p)));
+    auto* kernel = decode_split_kernel<T, D>;
+    const size_t smem = split_smem_bytes<T, D>();
+    AVAR_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, p);
     return cudaGetLastError();
 }
 
 template <typename T, int D> cudaError_t launch_key_mass(const DecodeParams& p, cudaStream_t stream) {
-    const int64_t blocks = (int64_t(p.Sk_max) + DecodeConfig<D>::kTileN - 1) / DecodeConfig<D>::kTileN;
+    const int64_t blocks = (int64_t(p.Sk_max) + kKeysPerCta - 1) / kKeysPerCta;
     if (blocks == 0) return cudaSuccess;
-    const int hpc = key_mass_heads_per_chunk<D>(p);
     const dim3 grid(unsigned(blocks), unsigned(p.B * p.Hk));
-    decode_key_mass_kernel<T, D><<<grid, kThreads, key_mass_smem_bytes<T, D>(hpc * p.Sq), stream>>>(p, hpc);
+    const int hpt = key_mass_heads_per_tile(p);
+    auto* kernel = decode_key_mass_kernel<T, D>;
+    const size_t smem = key_mass_smem_bytes<T, D>();
+    AVAR_LAUNCH(kernel, grid, dim3(kThreads), smem, stream, p, hpt);
     return cudaGetLastError();
 }
 
 template <typename T> cudaError_t launch_combine(const DecodeParams& p, cudaStream_t stream) {
     const int64_t rows = int64_t(p.B) * p.Hq * p.Sq;
     const unsigned blocks = unsigned((rows + kCombineRowsPerBlock - 1) / kCombineRowsPerBlock);
-    decode_combine_kernel<T><<<blocks, 32 * kCombineRowsPerBlock, 0, stream>>>(p);
+    auto* kernel = decode_combine_kernel<T>;
+    AVAR_LAUNCH(kernel, dim3(blocks), dim3(32 * kCombineRowsPerBlock), kCombineSmemBytes, stream, p);
     return cudaGetLastError();
 }
 
@@ -748,28 +789,6 @@ template <typename T> cudaError_t dispatch_key_mass(const DecodeParams& p, cudaS
     }
 }
 
-int rows_per_cta_impl(int D) {
-    switch (D) {
-        case 64: return DecodeConfig<64>::kRows;
-        case 80: return DecodeConfig<80>::kRows;
-        case 96: return DecodeConfig<96>::kRows;
-        case 128: return DecodeConfig<128>::kRows;
-        case 256: return DecodeConfig<256>::kRows;
-        default: return 0;
-    }
-}
-
-int tile_n_impl(int D) {
-    switch (D) {
-        case 64: return DecodeConfig<64>::kTileN;
-        case 80: return DecodeConfig<80>::kTileN;
-        case 96: return DecodeConfig<96>::kTileN;
-        case 128: return DecodeConfig<128>::kTileN;
-        case 256: return DecodeConfig<256>::kTileN;
-        default: return 64;
-    }
-}
-
 }  // namespace
 
 bool avar_decode_supported_head_dim(int D) {
@@ -780,13 +799,12 @@ bool avar_decode_supported_head_dim(int D) {
 #endif
 }
 
-int avar_decode_rows_per_cta(int D) { return rows_per_cta_impl(D); }
+int avar_decode_rows_per_cta(int D) { return avar_decode_supported_head_dim(D) ? kTileRows : 0; }
 
 void avar_decode_plan(DecodeParams& p, int64_t resident_ctas, int forced_splits) {
-    const int rows = std::max(1, rows_per_cta_impl(p.D));
     const int R = (p.Hq / std::max(1, p.Hk)) * p.Sq;
-    const int64_t base_ctas = int64_t(p.B) * p.Hk * ((R + rows - 1) / rows);
-    const DecodeSplitPlan plan = avar_decode_split_plan(base_ctas, resident_ctas, p.Sk_max, tile_n_impl(p.D),
+    const int64_t base_ctas = int64_t(p.B) * p.Hk * ((R + kTileRows - 1) / kTileRows);
+    const DecodeSplitPlan plan = avar_decode_split_plan(base_ctas, resident_ctas, p.Sk_max, kKeysPerCta,
                                                         forced_splits);
     p.num_splits = plan.num_splits;
     p.keys_per_split = plan.keys_per_split;
