@@ -78,8 +78,8 @@ constexpr int kDecodeMaxSq = 16;
 // True for the head dims with a compiled kernel: 64, 80, 96, 128, 256.
 bool avar_decode_supported_head_dim(int head_dim);
 
-// Query rows (GQA group x Sq) one CTA holds at most; larger groups are cut into several row chunks. (Up to 8 rows
-// take an instantiation sized for 8, with the same one chunk.)
+// Query rows (GQA group x Sq) one CTA holds: one 16-row tile of the tensor-core products; a kv head with more rows
+// takes several row tiles (grid z), each reading the split's keys.
 int avar_decode_rows_per_cta(int head_dim);
 
 constexpr int kDecodeMaxSplits = 128;
@@ -91,7 +91,7 @@ struct DecodeSplitPlan {
 };
 
 // The split planner, a pure function (host only; unit-tested by csrc/cuda/decode_plan_test.cpp).
-//   base_ctas      CTAs of one split: B * Hk * row chunks
+//   base_ctas      CTAs of one split: B * Hk * row tiles
 //   resident_ctas  CTAs the GPU holds at once: SMs * CTAs per SM of the split kernel (occupancy)
 //   sk_max, tile_n the longest cache and the kernel's key tile
 // splits = floor(resident / base): the split grid fills one wave and no more (a second, partial wave costs about
