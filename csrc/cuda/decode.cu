@@ -253,9 +253,10 @@ __device__ __forceinline__ void load_chunk(const DecodeParams& p, int b, int kvh
     }
     const T* kb = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride;
     const T* vb = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride;
+    static_assert(kChunk * DC % 32 == 0, "a chunk is a whole number of 16-byte pieces per lane");
 #pragma unroll
-    for (int idx = lane; idx < kChunk * DC; idx += 32) {
-        const int n = idx / DC, c = idx % DC;
+    for (int it = 0; it < kChunk * DC / 32; ++it) {
+        const int idx = lane + 32 * it, n = idx / DC, c = idx % DC;
         const bool ok = j0 + n < kend;
         cp_async16(ks + n * ST + c * 8, ok ? kb + n * p.k_seq_stride + c * 8 : kg, ok);
         if (vs != nullptr) cp_async16(vs + n * ST + c * 8, ok ? vb + n * p.v_seq_stride + c * 8 : vg, ok);
