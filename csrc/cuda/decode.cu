@@ -254,12 +254,31 @@ __device__ __forceinline__ void load_chunk(const DecodeParams& p, int b, int kvh
     const T* kb = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride;
     const T* vb = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride;
     static_assert(kChunk * DC % 32 == 0, "a chunk is a whole number of 16-byte pieces per lane");
+    if constexpr (32 % DC == 0) {
+        // D = 64, 128, 256: a lane keeps its column piece c and steps 32 / DC keys per copy, so its addresses are
+        // one base plus a constant step (no per-copy 64-bit multiplies).
+        constexpr int KP = 32 / DC;
+        const int n0 = lane / DC, c = lane % DC;
+        const T* kp = kb + n0 * p.k_seq_stride + c * 8;
+        const T* vp = vb + n0 * p.v_seq_stride + c * 8;
+        const int64_t kstep = KP * p.k_seq_stride, vstep = KP * p.v_seq_stride;
 #pragma unroll
-    for (int it = 0; it < kChunk * DC / 32; ++it) {
-        const int idx = lane + 32 * it, n = idx / DC, c = idx % DC;
-        const bool ok = j0 + n < kend;
-        cp_async16(ks + n * ST + c * 8, ok ? kb + n * p.k_seq_stride + c * 8 : kg, ok);
-        if (vs != nullptr) cp_async16(vs + n * ST + c * 8, ok ? vb + n * p.v_seq_stride + c * 8 : vg, ok);
+        for (int it = 0; it < kChunk / KP; ++it) {
+            const int n = n0 + it * KP;
+            const bool ok = j0 + n < kend;
+            cp_async16(ks + n * ST + c * 8, ok ? kp : kg, ok);
+            if (vs != nullptr) cp_async16(vs + n * ST + c * 8, ok ? vp : vg, ok);
+            kp += kstep;
+            vp += vstep;
+        }
+    } else {
+#pragma unroll
+        for (int it = 0; it < kChunk * DC / 32; ++it) {
+            const int idx = lane + 32 * it, n = idx / DC, c = idx % DC;
+            const bool ok = j0 + n < kend;
+            cp_async16(ks + n * ST + c * 8, ok ? kb + n * p.k_seq_stride + c * 8 : kg, ok);
+            if (vs != nullptr) cp_async16(vs + n * ST + c * 8, ok ? vb + n * p.v_seq_stride + c * 8 : vg, ok);
+        }
     }
     if (lane < kChunk) {
         const int j = j0 + lane;
@@ -418,17 +437,20 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
                 for (int e = 2 * h; e < 2 * h + 2; ++e) s[nt][e] = exp2f(s[nt][e] * kLog2e - base);
             m[h] = m_new;
         }
+        // Rescale only when some row's max moved (warp-uniform branch): after the first chunks it rarely does.
+        if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
 #pragma unroll
-        for (int nt = 0; nt < OT; ++nt) {
-            o[nt][0] *= alpha[0];
-            o[nt][1] *= alpha[0];
-            o[nt][2] *= alpha[1];
-            o[nt][3] *= alpha[1];
+            for (int nt = 0; nt < OT; ++nt) {
+                o[nt][0] *= alpha[0];
+                o[nt][1] *= alpha[0];
+                o[nt][2] *= alpha[1];
+                o[nt][3] *= alpha[1];
+            }
+            ms[0] *= alpha[0];
+            ms[1] *= alpha[0];
+            ms[2] *= alpha[1];
+            ms[3] *= alpha[1];
         }
-        ms[0] *= alpha[0];
-        ms[1] *= alpha[0];
-        ms[2] *= alpha[1];
-        ms[3] *= alpha[1];
 
         // P as the A operand (the accumulator layout of S is the A layout of a k = 16 product).
         const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),

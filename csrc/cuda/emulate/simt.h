@@ -307,6 +307,13 @@ inline void __syncthreads() { ::avar_emu::syncthreads(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { ::avar_emu::syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float v, int mask) { return ::avar_emu::shfl_xor(v, mask); }
 inline int __shfl_xor_sync(unsigned, int v, int mask) { return ::avar_emu::shfl_xor(v, mask); }
+inline int __any_sync(unsigned, int pred) {
+    return ::avar_emu::warp_collective(pred, [](const int* all, int) {
+        int any = 0;
+        for (int l = 0; l < 32; ++l) any |= all[l] != 0;
+        return any;
+    });
+}
 inline float __expf(float x) { return std::exp(x); }
 using std::max;
 using std::min;
