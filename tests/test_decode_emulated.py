@@ -116,3 +116,24 @@ def test_emulated_empty_caches_and_nan_rows(emulated_kernels):
     assert res.out.isnan().any(-1)[:, 0].eq(bad).all()
     assert res.lse.isnan()[:, :, 0].eq(bad).all()
     assert res.mass.isnan().any(-1)[:, :, 0].eq(bad).all()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_emulated_random_shapes(emulated_kernels, seed, monkeypatch):
+    """Seeded random shapes: head dim, GQA group, Sq, odd and empty caches, classes, tables, paging, causal or not,
+    forced split counts, key masses."""
+    import random
+
+    r = random.Random(seed)
+    d = r.choice([64, 80, 96, 128, 256])
+    hk, group = r.choice([1, 2, 3]), r.choice([1, 2, 4, 5, 7, 8])
+    sq = r.choice([1, 1, 2, 3, 7, 16])
+    lens = [r.choice([0, sq, r.randint(sq, 700)]) for _ in range(r.randint(1, 3))]
+    c = r.choice([0, 1, 3, 8])
+    rw = r.choice(["none", "vaf", "pai", "add", "mixed"]) if c else "none"
+    paged = r.choice([0, 16, 48])
+    monkeypatch.setattr(kvcache, "_FORCE_SPLITS", r.choice([0, 1, 2, 5]))
+    dtype = r.choice([torch.float16, torch.bfloat16])
+    key_mass = c > 0 and r.random() < 0.5
+    check_case(lens, sq, hk * group, hk, d, c, rw, r.random() < 0.7, paged, dtype, "cuda", seed=seed,
+               explicit_qc=c > 0 and r.random() < 0.5, key_mass=key_mass)
