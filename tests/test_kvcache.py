@@ -575,3 +575,26 @@ def test_nvcc_check_full_passes():
                           text=True, timeout=900, env={**os.environ, "AVAR_NVCC_CHECK_FULL": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "all head dims" in proc.stdout
+
+
+def test_sass_profile_of_the_decode_kernels():
+    """bench/sass_decode.py compiles the kernels and reads their SASS: the split kernel's key loop runs on the tensor
+    cores (per warp and 16 keys at D = 64: 8 HMMA for Q K^T, 8 for P V, 1 for the masses) without spills."""
+    import importlib.util
+    import sys
+
+    script = os.path.join(ROOT, "bench", "sass_decode.py")
+    spec = importlib.util.spec_from_file_location("sass_decode", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if mod.find_tool("nvcc") is None or mod.find_tool("cuobjdump") is None:
+        pytest.skip("needs nvcc and cuobjdump (the CUDA toolkit or the triton wheel's copy)")
+    proc = subprocess.run([sys.executable, script, "--arch", "90a", "--head-dim", "64"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.splitlines() if line.startswith("| decode_split_kernel")]
+    assert len(rows) == 2, proc.stdout  # fp16, bf16
+    for row in rows:
+        cells = [c.strip() for c in row[1:-1]]
+        assert cells[2] == "0", f"spills: {cells}"
+        assert int(cells[5]) == 17, f"HMMA in the key loop: {cells}"
