@@ -115,13 +115,10 @@ def main() -> None:
         body = key_loop(ins)
         ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0] for t in body)
 
-        def count(*keys):
-            return sum(ops[k] for k in keys)
-
         top = ", ".join(f"{k} {v}" for k, v in ops.most_common(5))
         print(f"| {short_name(name)} | {regs.get(name, '?')} | {spills.get(name, '?')} | {len(ins)} | {len(body)} | "
-              f"{count('HMMA')} | {count('LDSM')} | {count('LDGSTS')} | {count('FFMA')} | "
-              f"{count('BAR', 'WARPSYNC')} | {top} |")
+              f"{ops['HMMA']} | {ops['LDSM']} | {ops['LDGSTS']} | {ops['FFMA']} | "
+              f"{ops['BAR'] + ops['WARPSYNC']} | {top} |")
 
 
 if __name__ == "__main__":
