@@ -149,12 +149,12 @@ def compile_one(job):
 def add_rows(work, keys, name, kwargs, dim, variant, archs, rows, first):
     """Queue the compiles of one recorded launch: each config of its list (or `rows`) on each architecture."""
     shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
-             any(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
+             sum(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
     has_km = name in ("dq", "dkdv") and kwargs.get("DKM") is not None
     for cfg in rows or triton_configs.candidate_rows(name, *shape, has_km)[:first]:
         for arch in archs:
             keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg, block_d=shape[0],
-                             elem=kwargs["Q"].element_size(), has_classes=shape[2], has_rw=shape[3], has_km=has_km))
+                             elem=kwargs["Q"].element_size(), has_classes=shape[2], tables=shape[3], has_km=has_km))
             work.append((name, cfg, kwargs, arch))
 
 
@@ -184,7 +184,9 @@ def with_estimates(rows):
     """Each row with the backend's current shared-memory estimate of its config ('est')."""
     return [{**r, "config": tuple(r["config"]),
              "est": triton_configs.smem_estimate(r["kernel"], tuple(r["config"]), r["block_d"], r["elem"],
-                                                 r["has_classes"], r["has_rw"], r["arch"], r.get("has_km", False))}
+                                                 r["has_classes"],
+                                                 r.get("tables", int(r.get("has_rw", 0))), r["arch"],
+                                                 r.get("has_km", False))}
             for r in rows]
 
 

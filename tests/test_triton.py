@@ -342,12 +342,12 @@ def test_configs_fit_shared_memory(arch):
     limit = TC.SMEM_LIMIT[arch]
     for kernel in ("fwd", "dq", "dkdv", "km", "kmd"):
         for block_d in (64, 128, 256):
-            for has_classes, has_rw, has_km in ((False, False, False), (True, False, False), (True, True, False),
-                                                (True, False, True), (True, True, True)):
-                for row in TC.kept_rows(kernel, block_d, "tf32", has_classes, has_rw, 2, arch, limit, has_km):
-                    need = TC.smem_estimate(kernel, row, block_d, 2, has_classes, has_rw, arch, has_km)
-                    assert need <= limit, (kernel, block_d, has_classes, has_rw, has_km, row, need)
-    kept = TC.kept_rows("fwd", 128, "tf32", True, False, 2, arch, limit)
+            for has_classes, tables, has_km in ((False, 0, False), (True, 0, False), (True, 1, False),
+                                                (True, 3, False), (True, 0, True), (True, 1, True), (True, 3, True)):
+                for row in TC.kept_rows(kernel, block_d, "tf32", has_classes, tables, 2, arch, limit, has_km):
+                    need = TC.smem_estimate(kernel, row, block_d, 2, has_classes, tables, arch, has_km)
+                    assert need <= limit, (kernel, block_d, has_classes, tables, has_km, row, need)
+    kept = TC.kept_rows("fwd", 128, "tf32", True, 0, 2, arch, limit)
     assert kept[0] == (128, 64, 8, 3)
     assert (128, 128, 8, 3) not in kept
 

@@ -492,14 +492,14 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
     check_grid_blocks("max_seqlen_q", max_seqlen_q)
     check_grid_blocks("max_seqlen_k", max_seqlen_k)
     block_d = max(16, triton.next_power_of_2(d))
-    has_rw = mul is not None or abs_ is not None or add is not None
+    tables = sum(t is not None for t in (mul, abs_, add))  # how many of MUL, ABS, ADD (0: no re-weighting)
     prec = dot_precision(q.dtype)
     # a loss on key masses (only with classes; without rows or keys it has no effect)
     has_dkm = dkey_mass is not None and has_classes and tq > 0 and tk > 0
     dkm = dkey_mass.float().contiguous() if has_dkm else None
     runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
     qruns = class_runs(query_class, cu_seqlens_q) if has_dkm else None
-    shape = (block_d, prec, has_classes, has_rw, q.element_size())
+    shape = (block_d, prec, has_classes, tables, q.element_size())
     key = (dim_bucket(block_d),) + shape[1:] + (str(q.device), tune_count(), has_dkm)
     if has_dkm:
         # delta + sum_j P_ij dKM[j, qclass(i)] (a pass over each row's keys), into a new buffer: the autotuner may
@@ -508,7 +508,7 @@ def backward(dout, dmass, delta, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, 
         _get("kmd", launch_configs("kmd", *shape, q.device), key)[
             lambda meta: (hq, nseq, triton.cdiv(max_seqlen_q, meta["BLOCK_M"]))](
             Q=q, K=k, LSE=lse, DELTA=delta, DKM=dkm, DELTA_OUT=delta_km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k,
-            KCLS=key_class, QCLS=query_class, RUNS=runs if has_rw else None, QRUNS=qruns, MUL=mul, ABS=abs_, ADD=add,
+            KCLS=key_class, QCLS=query_class, RUNS=runs if tables else None, QRUNS=qruns, MUL=mul, ABS=abs_, ADD=add,
             qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
             stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
             stride_lh=lse.stride(0), stride_dkmh=dkm.stride(0),

@@ -34,10 +34,11 @@ def dim_bucket(block_d: int) -> int:
     return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
 
 
-def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool,
+def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tables: int,
                    has_km: bool = False) -> list[tuple]:
     """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'; 'km': the key
-    masses' pass over key blocks, 'kmd': the backward's key-mass share of delta), best first.
+    masses' pass over key blocks, 'kmd': the backward's key-mass share of delta), best first. ``tables``: how many
+    of the MUL / ABS / ADD tables are present (0: no re-weighting; 3: a learned table's usual form).
 
     Measured on an H200 (bf16, D=128): the forward with masses is fastest at 128 x 64, 8 warps, 3 stages. The
     other orders come from the sm_90a compile (bench/results/aot_triton.md): configs without register spills
@@ -68,6 +69,8 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
                 return [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (128, 64, 4, 3)]
             return [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3)]
         if dim <= 128:
+            if tables >= 3:  # triton 3.6, sm_90a: with all three tables 128 x 64 spills 92-516 B, 128 x 32 none
+                return [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 4)]
             if has_classes:
                 return [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
             return [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
@@ -80,7 +83,10 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
         if dim <= 64:
             return [(32, 128, 8, 3), (16, 128, 8, 3), (64, 64, 4, 3), (32, 64, 4, 4)]
         if dim <= 128:
-            if has_rw or has_km:  # the table / dKM terms need the registers of a 32-row step (sm_90a: 32 x 128
+            if tables >= 3:  # the three tables' gradients (sm_90a, triton 3.6): 16 x 128 spills 116-148 B, 16 x 64
+                # on 8 warps 0 (row sums) or 8 B (product)
+                return [(16, 64, 8, 2), (16, 128, 8, 2), (32, 64, 8, 2), (32, 64, 4, 2)]
+            if tables or has_km:  # the table / dKM terms need the registers of a 32-row step (sm_90a: 32 x 128
                 # spills 40 B with dKM, 16 x 128 none)
                 return [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3)]
             return [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3)]
@@ -90,7 +96,10 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
     if dim <= 64:
         return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
     if dim <= 128:
-        if has_rw:  # triton 3.6, sm_90a: 128 x 64 spill-free with the row sums (40 B with the product), 64 x 32
+        if tables >= 3:  # the three tables' gradients (sm_90a, triton 3.6): 128 x 64 spills 0.9-1.3 KB, 128 x 32
+            # and 64 x 32 on 8 warps none in either formulation
+            return [(128, 32, 8, 2), (64, 32, 8, 3), (64, 32, 4, 3), (128, 64, 8, 2)]
+        if tables:  # triton 3.6, sm_90a: 128 x 64 spill-free with the row sums (40 B with the product), 64 x 32
             # spill-free with the product (40 B with the row sums and all three tables)
             return [(128, 64, 8, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]
         return [(128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
@@ -101,7 +110,7 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_
     return [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (32, 32, 4, 2)]
 
 
-def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes: bool, has_rw: bool,
+def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes: bool, tables: int,
                   arch: int, has_km: bool = False) -> int:
     """Bytes of shared memory a config needs, from above: tiles held for the whole program, `stages` buffers of
     each pipelined load on sm_90 (wgmma), `stages - 1` before, the one-hot class tiles and the halves of the
@@ -142,7 +151,7 @@ def smem_estimate(kernel: str, row: tuple, block_d: int, elem: int, has_classes:
     total = 2 * bn * block_d * elem + bufs * (2 * bm * block_d * elem + 2 * bm * 4) + 8 * bn + relayout + km
     if has_classes:  # twice the one-hot operands: layout copies of them (triton 3.6, D=256: 2.9 KB more than once)
         total += 2 * (bn + 2 * bm) * CLASS_TILE.value * onehot
-    if has_rw:
+    if tables:
         total += (3 * bn + 2 * bm) * CLASS_TILE.value * 4
     return total
 
@@ -153,23 +162,23 @@ def device_arch_and_limit(index: int) -> tuple[int, int]:
     return props.major * 10 + props.minor, props.shared_memory_per_block_optin
 
 
-def kept_rows(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool, elem: int, arch: int,
+def kept_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tables: int, elem: int, arch: int,
               limit: int, has_km: bool = False) -> list[tuple]:
     """The candidates whose estimate fits `limit` bytes on `arch` (best first); if none does, the smallest (the
     estimate is an upper bound)."""
-    rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw, has_km)
-    need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, has_rw, arch, has_km) for r in rows}
+    rows = candidate_rows(kernel, block_d, prec, has_classes, tables, has_km)
+    need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, tables, arch, has_km) for r in rows}
     return [r for r in rows if need[r] <= limit] or [min(rows, key=need.get)]
 
 
-def launch_configs(kernel: str, block_d: int, prec: str, has_classes: bool, has_rw: bool, elem: int,
+def launch_configs(kernel: str, block_d: int, prec: str, has_classes: bool, tables: int, elem: int,
                    device: torch.device, has_km: bool = False) -> list[triton.Config]:
     """The configs to try on `device`: kept_rows for its architecture, at most tune_count() of them."""
     if device.type == "cuda":
         arch, limit = device_arch_and_limit(device.index if device.index is not None else torch.cuda.current_device())
-        rows = kept_rows(kernel, block_d, prec, has_classes, has_rw, elem, arch, limit, has_km)
+        rows = kept_rows(kernel, block_d, prec, has_classes, tables, elem, arch, limit, has_km)
     else:  # nothing launches (the AOT report records the arguments): every candidate
-        rows = candidate_rows(kernel, block_d, prec, has_classes, has_rw, has_km)
+        rows = candidate_rows(kernel, block_d, prec, has_classes, tables, has_km)
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in rows[:tune_count()]]
 

@@ -521,22 +521,22 @@ _fwd_tuned = {}
 _km_tuned = {}
 
 
-def _get_km(block_d, prec, has_rw, elem, device):
+def _get_km(block_d, prec, tables, elem, device):
     if INTERPRET:
         return _key_mass_kernel
-    key = (dim_bucket(block_d), prec, has_rw, elem, str(device), tune_count())
+    key = (dim_bucket(block_d), prec, tables, elem, str(device), tune_count())
     if key not in _km_tuned:
-        configs = launch_configs("km", block_d, prec, True, has_rw, elem, device)
+        configs = launch_configs("km", block_d, prec, True, tables, elem, device)
         _km_tuned[key] = triton.autotune(configs=configs, key=TUNE_KEY)(_key_mass_kernel)
     return _km_tuned[key]
 
 
-def _get_fwd(block_d, prec, has_classes, has_rw, elem, device, choices=()):
+def _get_fwd(block_d, prec, has_classes, tables, elem, device, choices=()):
     if INTERPRET:
         return _fwd_kernel
-    key = (dim_bucket(block_d), prec, has_classes, has_rw, elem, str(device), tune_count(), choices)
+    key = (dim_bucket(block_d), prec, has_classes, tables, elem, str(device), tune_count(), choices)
     if key not in _fwd_tuned:
-        configs = with_mass_forms(launch_configs("fwd", block_d, prec, has_classes, has_rw, elem, device), choices)
+        configs = with_mass_forms(launch_configs("fwd", block_d, prec, has_classes, tables, elem, device), choices)
         _fwd_tuned[key] = triton.autotune(configs=configs, key=TUNE_KEY)(_fwd_kernel)
     return _fwd_tuned[key]
 
@@ -596,9 +596,9 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     block_d = max(16, triton.next_power_of_2(d))
     prec = dot_precision(q.dtype)
     has_classes = C > 0
-    has_rw = mul is not None or abs_ is not None or add is not None
+    tables = sum(t is not None for t in (mul, abs_, add))  # how many of MUL, ABS, ADD (0: no re-weighting)
     choices = mass_dot_choices(has_classes)
-    kern = _get_fwd(block_d, prec, has_classes, has_rw, q.element_size(), q.device, choices)
+    kern = _get_fwd(block_d, prec, has_classes, tables, q.element_size(), q.device, choices)
     # the formulation of the masses: the autotuner's choice, else passed here
     mass_dot = {} if choices else dict(MASS_DOT=mass_dot_value())
     runs = class_runs(key_class, cu_seqlens_k) if has_classes else None
@@ -620,10 +620,10 @@ def forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, key
     if not has_classes or tk == 0:
         return out, lse, mass, torch.zeros(hq, tk, C, device=q.device, dtype=torch.float32)
     km = torch.empty(hq, tk, C, device=q.device, dtype=torch.float32)
-    _get_km(block_d, prec, has_rw, q.element_size(), q.device)[
+    _get_km(block_d, prec, tables, q.element_size(), q.device)[
         lambda meta: (hq, nseq, triton.cdiv(max_seqlen_k, meta["BLOCK_N"]))](
         Q=q, K=k, LSE=lse, KM=km, CU_Q=cu_seqlens_q, CU_K=cu_seqlens_k, KCLS=key_class, QCLS=query_class,
-        RUNS=runs if has_rw else None, QRUNS=class_runs(query_class, cu_seqlens_q), MUL=mul, ABS=abs_, ADD=add,
+        RUNS=runs if tables else None, QRUNS=class_runs(query_class, cu_seqlens_q), MUL=mul, ABS=abs_, ADD=add,
         qk_scale=float(scale) * LOG2E.value, wl=int(window_left), wr=int(window_right),
         stride_qt=q.stride(0), stride_qh=q.stride(1), stride_kt=k.stride(0), stride_kh=k.stride(1),
         stride_lh=lse.stride(0), stride_kmh=km.stride(0),
