@@ -248,8 +248,9 @@ __device__ __forceinline__ void load_chunk(const DecodeParams& p, int b, int kvh
     const T* __restrict__ vg = static_cast<const T*>(p.v);
     int64_t page = b, row = j0;
     if (p.block_table != nullptr) {
-        page = j0 < kend ? p.block_table[b * p.block_table_batch_stride + j0 / p.block_size] : 0;
-        row = j0 % p.block_size;
+        const int blk = j0 / p.block_size;  // one division per chunk
+        page = j0 < kend ? p.block_table[b * p.block_table_batch_stride + blk] : 0;
+        row = j0 - blk * p.block_size;
     }
     const T* kb = kg + page * p.k_batch_stride + row * p.k_seq_stride + int64_t(kvh) * p.k_head_stride;
     const T* vb = vg + page * p.v_batch_stride + row * p.v_seq_stride + int64_t(kvh) * p.v_head_stride;
