@@ -137,3 +137,37 @@ def test_emulated_random_shapes(emulated_kernels, seed, monkeypatch):
     key_mass = c > 0 and r.random() < 0.5
     check_case(lens, sq, hk * group, hk, d, c, rw, r.random() < 0.7, paged, dtype, "cuda", seed=seed,
                explicit_qc=c > 0 and r.random() < 0.5, key_mass=key_mass)
+
+
+def test_emulated_kernel_in_model_generation(emulated_kernels, monkeypatch):
+    """generate() on a tiny bf16 Llava (head dim 64) with "avar" attention takes the decode kernel on every step after
+    the prefill; teacher-forced logits of the whole sequence through the packed path agree with each step's."""
+    pytest.importorskip("transformers")
+    from test_hf_models import rows_for
+
+    from avar_kernels.hf import attention as hf_attention
+    from avar_kernels.hf import testing as T
+
+    calls = []
+    real_decode = emulated_kernels.decode_fwd
+    monkeypatch.setattr(emulated_kernels, "decode_fwd", lambda *a, **kw: calls.append(a[0].shape) or
+                        real_decode(*a, **kw))
+    gpu_only = hf_attention._use_decode_kernel  # the same conditions, minus q.is_cuda
+    monkeypatch.setattr(hf_attention, "_use_decode_kernel", lambda q, sq, sk, causal, window: gpu_only(
+        SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype), sq, sk, causal, window))
+    model, mk = T.llava("avar", head_dim=64)
+    model = model.to(torch.bfloat16)
+    kw = mk(rows_for(mk)[:1])
+    kw["pixel_values"] = kw["pixel_values"].to(torch.bfloat16)
+    n = 4
+    with torch.no_grad():
+        gen = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert calls == [torch.Size([1, 1, 4, 64])] * (2 * (n - 1))  # 2 layers x the n - 1 steps after the prefill
+
+    monkeypatch.setattr(hf_attention, "_use_decode_kernel", lambda *a: False)
+    seq, s0 = gen.sequences, kw["input_ids"].shape[1]
+    with torch.no_grad():
+        logits = model(**dict(kw, input_ids=seq[:, :-1], attention_mask=torch.ones_like(seq[:, :-1]))).logits
+    for i in range(n):
+        torch.testing.assert_close(gen.logits[i][0].float(), logits[0, s0 - 1 + i].float(), atol=1e-2, rtol=2e-2)
