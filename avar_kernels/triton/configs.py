@@ -73,7 +73,9 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tabl
                 return [(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 64, 8, 4)]
             if has_classes:
                 return [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)]
-            return [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
+            # 128 x 128 spills 64 B (triton 3.6, sm_90a), 128 x 64 none: the spill-free one first, the autotuner
+            # weighs both
+            return [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3)]
         # D=256, triton 3.6, sm_90a: 128 x 32 on 8 warps is spill-free with and without classes and tables (64 x 64
         # on 4 warps spilled 92 B plain)
         if has_classes:
@@ -91,8 +93,8 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tabl
                 return [(16, 128, 8, 2), (32, 128, 8, 2), (32, 64, 4, 2), (32, 64, 4, 3)]
             return [(32, 128, 8, 2), (32, 128, 8, 3), (16, 128, 8, 2), (32, 64, 4, 3)]
         # D=256 (triton 3.6, sm_90a): every wgmma tile spills (16 x 64: 52 B plain, 120-632 B with classes); 16 x 32
-        # on 4 warps (mma.sync) does not: the autotuner weighs the two
-        return [(16, 64, 8, 2), (16, 32, 4, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
+        # on 4 warps (mma.sync) does not: it goes first, and the autotuner weighs the two
+        return [(16, 32, 4, 2), (16, 64, 8, 2), (32, 64, 8, 2), (32, 32, 4, 2)]
     if dim <= 64:
         return [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
     if dim <= 128:
