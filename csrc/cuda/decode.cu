@@ -300,13 +300,28 @@ __device__ __forceinline__ int row_key_limit(const DecodeParams& p, int row0, in
     return p.causal ? min(kend - 1, qi + seqlen - p.Sq) : kend - 1;
 }
 
+// The A fragments of the Q tile for each 16-wide k step (ldmatrix: rows lane % 16, columns + 8 for lanes >= 16);
+// the key loops keep them in registers.
+template <typename T, int D> struct QFrags {
+    uint32_t r[D / 16][4];
+};
+template <typename T, int D> __device__ __forceinline__ QFrags<T, D> load_q_frags(const T* Qs) {
+    constexpr int ST = Tile<D>::kStride;
+    const int lane = threadIdx.x % 32;
+    const T* qa = Qs + (lane % 16) * ST + (lane / 16) * 8;
+    QFrags<T, D> q;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) ldmatrix_x4(q.r[kk], qa + kk * 16);
+    return q;
+}
+
 // s[nt][e] = z' of tile row g + 8 (e / 2) and key j0 + nt * 8 + 2 t + e % 2 of a warp's chunk (g = lane / 4, t =
 // lane % 4: the mma accumulator layout): q . k on the tensor cores with fp32 accumulation, times the scale, the
 // class-wise re-weighting with the row's coefficients for the key's class, then -inf past the row's last visible
 // key lim[e / 2].
 template <typename T, int D>
-__device__ __forceinline__ void score_chunk(const T* Qs, const T* ks, const int* cls, const float* coef, bool has_rw,
-                                            float scale, int j0, const int (&lim)[2], float (&s)[2][4]) {
+__device__ __forceinline__ void score_chunk(const QFrags<T, D>& q, const T* ks, const int* cls, const float* coef,
+                                            bool has_rw, float scale, int j0, const int (&lim)[2], float (&s)[2][4]) {
     constexpr int ST = Tile<D>::kStride;
     constexpr int NC = kTileRows * kDecodeMaxClasses;
     const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -314,17 +329,15 @@ __device__ __forceinline__ void score_chunk(const T* Qs, const T* ks, const int*
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
-    // ldmatrix addresses: Q rows lane % 16, columns + 8 for lanes >= 16 (A fragment); K keys (lane / 16) * 8 +
-    // lane % 8, columns + 8 for odd lane / 8 (B fragments of keys 0-7 and 8-15).
-    const T* qa = Qs + (lane % 16) * ST + (lane / 16) * 8;
+    // ldmatrix addresses of K: keys (lane / 16) * 8 + lane % 8, columns + 8 for odd lane / 8 (B fragments of keys
+    // 0-7 and 8-15).
     const T* ka = ks + ((lane / 16) * 8 + lane % 8) * ST + ((lane / 8) % 2) * 8;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t a[4], kf[4];
-        ldmatrix_x4(a, qa + kk * 16);
+        uint32_t kf[4];
         ldmatrix_x4(kf, ka + kk * 16);
-        mma_16816<T>(s[0], a, kf[0], kf[1]);
-        mma_16816<T>(s[1], a, kf[2], kf[3]);
+        mma_16816<T>(s[0], q.r[kk], kf[0], kf[1]);
+        mma_16816<T>(s[1], q.r[kk], kf[2], kf[3]);
     }
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
@@ -400,6 +413,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     __syncthreads();  // the Q tile and coefficients are read by every warp
 
     const int lim[2] = {row_key_limit(p, row0, g, Rc, kend, seqlen), row_key_limit(p, row0, g + 8, Rc, kend, seqlen)};
+    const QFrags<T, D> qf = load_q_frags<T, D>(Qs);
     float o[OT][4];     // O of rows g, g + 8 (accumulator layout), columns nt * 8 + 2 t ..
     float ms[4];        // masses: columns = key classes (class 0 = all keys without classes)
     float m[2] = {-INFINITY, -INFINITY};  // running max of rows g, g + 8 (over this warp's keys)
@@ -421,7 +435,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         const int j0 = kbeg + (warp + i * kWarps) * kChunk;
 
         float s[2][4];
-        score_chunk<T, D>(Qs, ks, cls, coef, has_rw, p.scale, j0, lim, s);
+        score_chunk<T, D>(qf, ks, cls, coef, has_rw, p.scale, j0, lim, s);
 
         // Online softmax over the chunk: rows g (e = 0, 1) and g + 8 (e = 2, 3); a row's 16 scores sit in a quad.
         float alpha[2];
@@ -686,7 +700,7 @@ __global__ void __launch_bounds__(kThreads) decode_key_mass_kernel(const DecodeP
         const int lim[2] = {row_key_limit(p, row0, g, Rc, seqlen, seqlen),
                             row_key_limit(p, row0, g + 8, Rc, seqlen, seqlen)};
         float s[2][4];
-        score_chunk<T, D>(Qs, ks, cls, coef, has_rw, p.scale, jw, lim, s);
+        score_chunk<T, D>(load_q_frags<T, D>(Qs), ks, cls, coef, has_rw, p.scale, jw, lim, s);
 #pragma unroll
         for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
