@@ -3,10 +3,11 @@
 # (<= 600 s), most valuable first. Every stage has its own timeout and writes its results as it goes, so a run cut
 # off midway still returns the figures of the stages (and rows) it finished.
 #
-#   bash bench/gpu_check.sh build smoke prefill     # one device command, about 6-8 min on a fresh machine
-#   bash bench/gpu_check.sh tests                   # then, on the same warm machine
-#   bash bench/gpu_check.sh decode model
-#   bash bench/gpu_check.sh random                  # the formulations of the class terms, one class per token
+#   bash bench/gpu_check.sh build smoke decode      # one device command, about 6-8 min on a fresh machine (the
+#                                                   # tensor-core decode kernel of session 6 never ran on a GPU)
+#   bash bench/gpu_check.sh prefill                 # then, on the same warm machine
+#   bash bench/gpu_check.sh tests
+#   bash bench/gpu_check.sh model random            # random: the formulations of the class terms, a class per token
 #   bash bench/gpu_check.sh all                     # every stage in order (longer than one device command)
 #
 # Stages (timeout):
