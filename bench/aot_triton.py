@@ -151,8 +151,8 @@ def add_rows(work, keys, name, kwargs, dim, variant, archs, rows, first):
     shape = (kwargs["BLOCK_D"], kwargs["PREC"], kwargs["KCLS"] is not None,
              sum(kwargs[t] is not None for t in ("MUL", "ABS", "ADD")))
     has_km = name in ("dq", "dkdv") and kwargs.get("DKM") is not None
-    for cfg in rows or triton_configs.candidate_rows(name, *shape, has_km)[:first]:
-        for arch in archs:
+    for arch in archs:
+        for cfg in rows or triton_configs.candidate_rows(name, *shape, has_km, arch)[:first]:
             keys.append(dict(arch=arch, kernel=name, dim=dim, variant=variant, config=cfg, block_d=shape[0],
                              elem=kwargs["Q"].element_size(), has_classes=shape[2], tables=shape[3], has_km=has_km))
             work.append((name, cfg, kwargs, arch))

@@ -349,6 +349,10 @@ def test_configs_fit_shared_memory(arch):
                     assert need <= limit, (kernel, block_d, has_classes, tables, has_km, row, need)
     kept = TC.kept_rows("fwd", 128, "tf32", True, 0, 2, arch, limit)
     assert kept[0] == (128, 64, 8, 3)
+    # D=256 forward and dQ: 128 x 32 on 8 warps on sm_90 (wgmma), 64 x 32 on 8 warps before (mma.sync; no spills)
+    for kernel in ("fwd", "dq"):
+        assert TC.kept_rows(kernel, 256, "tf32", True, 0, 2, arch, limit)[0] == ((128, 32, 8, 2) if arch >= 90
+                                                                                 else (64, 32, 8, 2))
     assert (128, 128, 8, 3) not in kept
 
 

@@ -35,10 +35,11 @@ def dim_bucket(block_d: int) -> int:
 
 
 def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tables: int,
-                   has_km: bool = False) -> list[tuple]:
+                   has_km: bool = False, arch: int = 90) -> list[tuple]:
     """Every candidate (BLOCK_M, BLOCK_N, num_warps, num_stages) of a kernel ('fwd', 'dq', 'dkdv'; 'km': the key
     masses' pass over key blocks, 'kmd': the backward's key-mass share of delta), best first. ``tables``: how many
-    of the MUL / ABS / ADD tables are present (0: no re-weighting; 3: a learned table's usual form).
+    of the MUL / ABS / ADD tables are present (0: no re-weighting; 3: a learned table's usual form); ``arch``: the
+    GPU's compute capability x 10 (the lists are ordered for sm_90; before it, MMA_SYNC_FIRST).
 
     Measured on an H200 (bf16, D=128): the forward with masses is fastest at 128 x 64, 8 warps, 3 stages. The
     other orders come from the sm_90a compile (bench/results/aot_triton.md): configs without register spills
@@ -46,6 +47,18 @@ def candidate_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tabl
     first two on the device (with classes, each in both formulations of the class terms, fwd.MASS_DOT).
     """
     dim = dim_bucket(block_d)
+    rows = _rows(kernel, dim, prec, has_classes, tables, has_km)
+    first = MMA_SYNC_FIRST.get((kernel, dim)) if arch < 90 and prec != "ieee" else None
+    return [first, *(r for r in rows if r != first)] if first else rows
+
+
+# Before sm_90 (mma.sync: no wgmma, the accumulators stay in registers) the D=256 forward and dQ spill at the sm_90
+# firsts (triton 3.6, sm_80: 128 x 32 on 8 warps 104 B-2 KB, 64 x 32 on 4 warps 56-820 B); 64 x 32 on 8 warps spills
+# 0-12 B (bench/results/aot_triton_sm80_d256.md).
+MMA_SYNC_FIRST = {("fwd", 256): (64, 32, 8, 2), ("dq", 256): (64, 32, 8, 2)}
+
+
+def _rows(kernel: str, dim: int, prec: str, has_classes: bool, tables: int, has_km: bool) -> list[tuple]:
     if kernel == "km":  # the dK/dV shape without V and dO: q and lse pipelined, one product of P^T with onehot
         if prec == "ieee":
             return [(32, 64, 4, 2), (32, 32, 4, 2)] if dim <= 128 else [(16, 32, 4, 2), (32, 32, 4, 2)]
@@ -168,7 +181,7 @@ def kept_rows(kernel: str, block_d: int, prec: str, has_classes: bool, tables: i
               limit: int, has_km: bool = False) -> list[tuple]:
     """The candidates whose estimate fits `limit` bytes on `arch` (best first); if none does, the smallest (the
     estimate is an upper bound)."""
-    rows = candidate_rows(kernel, block_d, prec, has_classes, tables, has_km)
+    rows = candidate_rows(kernel, block_d, prec, has_classes, tables, has_km, arch)
     need = {r: smem_estimate(kernel, r, block_d, elem, has_classes, tables, arch, has_km) for r in rows}
     return [r for r in rows if need[r] <= limit] or [min(rows, key=need.get)]
 

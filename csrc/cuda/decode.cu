@@ -471,9 +471,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
         const uint32_t pa[4] = {pack2<T>(s[0][0], s[0][1]), pack2<T>(s[0][2], s[0][3]), pack2<T>(s[1][0], s[1][1]),
                                 pack2<T>(s[1][2], s[1][3])};
         // Masses: B[key][class] = onehot(class(key)); this lane's operand is keys 2t, 2t + 1 (and + 8) at class g.
-        const float one = 1.f;
-        mma_16816<T>(ms, pa, pack2<T>(cls[2 * t] == g ? one : 0.f, cls[2 * t + 1] == g ? one : 0.f),
-                     pack2<T>(cls[2 * t + 8] == g ? one : 0.f, cls[2 * t + 9] == g ? one : 0.f));
+        mma_16816<T>(ms, pa, pack2<T>(cls[2 * t] == g ? 1.f : 0.f, cls[2 * t + 1] == g ? 1.f : 0.f),
+                     pack2<T>(cls[2 * t + 8] == g ? 1.f : 0.f, cls[2 * t + 9] == g ? 1.f : 0.f));
         // O += P V: V rows lane % 16, columns + 8 for lanes >= 16, transposed (B fragments of two n8 column tiles).
         const T* va = vs + (lane % 16) * ST + (lane / 16) * 8;
 #pragma unroll
@@ -735,8 +734,7 @@ template <typename Kernel> cudaError_t prepare_smem(Kernel kernel, size_t bytes)
     return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
 }
 
-template <typename T, int D> cudaError_t prepare_split(const DecodeParams& p, int* ctas_per_sm) {
-    (void)p;
+template <typename T, int D> cudaError_t prepare_split(const DecodeParams&, int* ctas_per_sm) {
     cudaError_t err = prepare_smem(decode_split_kernel<T, D>, split_smem_bytes<T, D>());
     if (err != cudaSuccess) return err;
     err = cudaFuncSetAttribute(decode_key_mass_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
