@@ -6,8 +6,9 @@
 //   * the split's keys go to the warps in chunks of 16 (warp w takes chunks w, w + 4, ...); each warp streams its
 //     own chunks through a private 3-stage (2 at D = 256) cp.async pipeline of 16-byte copies (zero-filled past the
 //     end, the keys' class ids in the same group) and needs no CTA barrier inside the key loop;
-//   * per chunk: S = Q K^T with mma.sync m16n8k16 (fp32 accumulation; Q and K through ldmatrix), times the scale,
-//     the class-wise re-weighting, the mask (length, bottom-right causal), an online softmax per row in registers;
+//   * per chunk: S = Q K^T with mma.sync m16n8k16 (fp32 accumulation; K through ldmatrix, Q's fragments loaded once
+//     and kept in registers), times the scale, the class-wise re-weighting, the mask (length, bottom-right causal),
+//     an online softmax per row in registers;
 //     O += P V with P kept in registers as the A operand and V through ldmatrix.trans, and one more n8 product
 //     P x onehot(key class) for the per-class masses, whose sum is the softmax denominator;
 //   * the 4 warps' partial (max, O, masses) are merged through shared memory; each split writes normalized (out,
