@@ -171,3 +171,9 @@ def test_emulated_kernel_in_model_generation(emulated_kernels, monkeypatch):
         logits = model(**dict(kw, input_ids=seq[:, :-1], attention_mask=torch.ones_like(seq[:, :-1]))).logits
     for i in range(n):
         torch.testing.assert_close(gen.logits[i][0].float(), logits[0, s0 - 1 + i].float(), atol=1e-2, rtol=2e-2)
+
+
+def test_emulated_many_splits(emulated_kernels, monkeypatch):
+    """A forced split count far above the default: 33 splits of 64 keys, merged by the combine kernel."""
+    monkeypatch.setattr(kvcache, "_FORCE_SPLITS", 64)
+    check_case([2100, 77], 2, 4, 2, 64, 3, "mixed", True, 0, torch.bfloat16, "cuda", seed=3, key_mass=True)
