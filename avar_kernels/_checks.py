@@ -92,6 +92,28 @@ def ids_trusted() -> bool:
     return _CLASS_IDS_CHECKED.get()
 
 
+_KVCACHE_LENGTHS_KNOWN = contextvars.ContextVar("avar_kvcache_lengths_known", default=False)
+
+
+@contextlib.contextmanager
+def kvcache_lengths_known():
+    """Within this context ``attention_with_kvcache`` trusts ``cache_seqlens`` (and ``block_table``): the caller
+    built them from lengths it holds on the host. Reading them back for the checks is a host sync on GPUs, once
+    per layer and generation step otherwise; the transformers integration's decode steps pass the cache's length
+    for every sequence.
+    """
+    token = _KVCACHE_LENGTHS_KNOWN.set(True)
+    try:
+        yield
+    finally:
+        _KVCACHE_LENGTHS_KNOWN.reset(token)
+
+
+def lengths_trusted() -> bool:
+    """True inside :func:`kvcache_lengths_known`."""
+    return _KVCACHE_LENGTHS_KNOWN.get()
+
+
 def read_class_range(cls):
     """(min, max) of the ids: the host sync that the range checks cost."""
     return int(cls.min()), int(cls.max())

@@ -9,6 +9,10 @@ forward only; with ``return_key_mass`` a second kernel over the cache sums the n
 query class). Anywhere else (CPU tensors, an unsupported shape, gradients needed, or the extension not built)
 it gathers each sequence's valid keys into the packed varlen form and calls
 :func:`avar_kernels.attention_varlen` with the requested backend.
+
+The argument checks read the cache lengths, block ids and class ids back to the host once per call (a sync on a
+GPU). The transformers integration's generation steps skip that read: their lengths are known on the host
+(``_checks.kvcache_lengths_known``) and their class ids were checked once per forward (``_checks.class_ids_checked``).
 """
 from __future__ import annotations
 
@@ -61,10 +65,12 @@ def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlen
                      sk_max, num_blocks, device):
     """Checks the cache lengths, block ids and classes with one host read; returns (key_class [B, L] int32 or None,
     query_class [B, Sq] int32 or None, num_classes)."""
+    lengths_known = _checks.lengths_trusted()
     if key_class is None:
         _checks.check_no_classes(query_class, reweight)
-        stats = _checks.kvcache_stats(cache_seqlens, block_table, block_size, sq)
-        _checks.check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks)
+        if not lengths_known:
+            stats = _checks.kvcache_stats(cache_seqlens, block_table, block_size, sq)
+            _checks.check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks)
         return None, None, 0
     _checks.check_int_tensor("key_class", key_class, device)
     if key_class.dim() != 2 or key_class.shape[0] != b:
@@ -83,11 +89,13 @@ def _resolve_classes(key_class, query_class, num_classes, reweight, cache_seqlen
         # Ids past a cache's length are unused: read them as 0 (a valid id) rather than boolean-index, which syncs.
         key_ids = torch.where(valid, key_class, torch.zeros_like(key_class))
         query_ids = query_class if check_range else None
-    stats = _checks.kvcache_stats(cache_seqlens, block_table, block_size, sq, key_ids, query_ids)
-    _checks.check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks)
-    if key_class.shape[1] < stats["max_len"]:
-        raise ValueError(f"key_class: expected shape [B={b}, Sk_max={sk_max}] (at least the longest cache, "
-                         f"{stats['max_len']}), got {list(key_class.shape)}")
+    stats = {}
+    if read_classes or check_range or not lengths_known:  # else nothing to read back: no host sync
+        stats = _checks.kvcache_stats(cache_seqlens, block_table, block_size, sq, key_ids, query_ids)
+        _checks.check_kvcache_values(stats, cache_seqlens, sq, sk_max, num_blocks)
+        if key_class.shape[1] < stats["max_len"]:
+            raise ValueError(f"key_class: expected shape [B={b}, Sk_max={sk_max}] (at least the longest cache, "
+                             f"{stats['max_len']}), got {list(key_class.shape)}")
     if num_classes is None and reweight is not None and reweight.num_classes:
         num_classes = reweight.num_classes
     if num_classes is None:

@@ -141,7 +141,8 @@ def test_emulated_random_shapes(emulated_kernels, seed, monkeypatch):
 
 def test_emulated_kernel_in_model_generation(emulated_kernels, monkeypatch):
     """generate() on a tiny bf16 Llava (head dim 64) with "avar" attention takes the decode kernel on every step after
-    the prefill; teacher-forced logits of the whole sequence through the packed path agree with each step's."""
+    the prefill, without reading anything back to the host; teacher-forced logits of the whole sequence through the
+    packed path agree with each step's."""
     pytest.importorskip("transformers")
     from test_hf_models import rows_for
 
@@ -155,6 +156,11 @@ def test_emulated_kernel_in_model_generation(emulated_kernels, monkeypatch):
     gpu_only = hf_attention._use_decode_kernel  # the same conditions, minus q.is_cuda
     monkeypatch.setattr(hf_attention, "_use_decode_kernel", lambda q, sq, sk, causal, window: gpu_only(
         SimpleNamespace(is_cuda=True, shape=q.shape, dtype=q.dtype), sq, sk, causal, window))
+    from avar_kernels import _checks
+
+    reads = []  # the decode checks' host reads (a sync per layer and step on a GPU)
+    real_stats = _checks.kvcache_stats
+    monkeypatch.setattr(_checks, "kvcache_stats", lambda *a, **kw: reads.append(1) or real_stats(*a, **kw))
     model, mk = T.llava("avar", head_dim=64)
     model = model.to(torch.bfloat16)
     kw = mk(rows_for(mk)[:1])
@@ -164,6 +170,7 @@ def test_emulated_kernel_in_model_generation(emulated_kernels, monkeypatch):
         gen = model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
                              return_dict_in_generate=True)
     assert calls == [torch.Size([1, 1, 4, 64])] * (2 * (n - 1))  # 2 layers x the n - 1 steps after the prefill
+    assert reads == []  # the integration passes lengths it knows: no read-back
 
     monkeypatch.setattr(hf_attention, "_use_decode_kernel", lambda *a: False)
     seq, s0 = gen.sequences, kw["input_ids"].shape[1]

@@ -598,3 +598,25 @@ def test_sass_profile_of_the_decode_kernels():
         cells = [c.strip() for c in row[1:-1]]
         assert cells[2] == "0", f"spills: {cells}"
         assert int(cells[5]) == 17, f"HMMA in the key loop: {cells}"
+
+
+def test_known_lengths_skip_the_host_read(monkeypatch):
+    """Inside kvcache_lengths_known() (with trusted class ids and a given num_classes) the decode checks read nothing
+    back; outside, one read serves every check. Same results either way."""
+    from avar_kernels import _checks
+
+    reads = []
+    real = _checks.kvcache_stats
+    monkeypatch.setattr(_checks, "kvcache_stats", lambda *a, **kw: reads.append(1) or real(*a, **kw))
+    gen = torch.Generator().manual_seed(5)
+    q, k, v, _, kc = make_cache([40, 90], 1, 8, 2, 64, 3, gen)
+    args = (q, k, v, torch.tensor([40, 90], dtype=torch.int32), kc)
+    plain = attention_with_kvcache(*args, num_classes=3, return_lse=True)
+    assert len(reads) == 1
+    with _checks.class_ids_checked(), _checks.kvcache_lengths_known():
+        known = attention_with_kvcache(*args, num_classes=3, return_lse=True)
+        no_classes = attention_with_kvcache(*args[:4], return_lse=True)
+    assert len(reads) == 1
+    for x, y in zip(plain, known):
+        torch.testing.assert_close(x, y, atol=0, rtol=0)
+    torch.testing.assert_close(no_classes.out, attention_with_kvcache(*args[:4]).out, atol=0, rtol=0)

@@ -249,11 +249,13 @@ def _avar_attention(module, query, key, value, attention_mask, scaling, dropout,
     mass = key_mass = None
     if plan is None and _use_decode_kernel(q, sq, sk, causal, window):
         # Generation step on a GPU: the split-KV CUDA kernel reads the cache once for all heads of a group (and,
-        # for key masses, once more after the final logsumexp).
-        res = avar_kernels.attention_with_kvcache(
-            q, k, v, torch.full((b,), sk, dtype=torch.int32, device=q.device), kcls, query_class=qcls,
-            num_classes=num_classes if need_classes else None, causal=True, softmax_scale=scale, reweight=reweight,
-            return_mass=want_mass, return_key_mass=want_key_mass)
+        # for key masses, once more after the final logsumexp). Every sequence's length is the cache's (sk, known
+        # here), so the lengths need no check: no host sync in the step.
+        with _checks.kvcache_lengths_known():
+            res = avar_kernels.attention_with_kvcache(
+                q, k, v, torch.full((b,), sk, dtype=torch.int32, device=q.device), kcls, query_class=qcls,
+                num_classes=num_classes if need_classes else None, causal=True, softmax_scale=scale,
+                reweight=reweight, return_mass=want_mass, return_key_mass=want_key_mass)
         out, mass, key_mass = res.out, res.mass, res.key_mass
     elif plan is None:
         res = avar_kernels.attention(q, k, v, kcls, query_class=qcls,
