@@ -73,6 +73,15 @@ _CLASS_IDS_CHECKED = contextvars.ContextVar("avar_class_ids_checked", default=Fa
 
 
 @contextlib.contextmanager
+def _set_within(flag: contextvars.ContextVar):
+    """flag is True within the context."""
+    token = flag.set(True)
+    try:
+        yield
+    finally:
+        flag.reset(token)
+
+
 def class_ids_checked():
     """Within this context the op trusts that class ids lie in range (the caller checked them once).
 
@@ -80,11 +89,7 @@ def class_ids_checked():
     its pre-hook instead of in every layer. Outside the context (e.g. a checkpointed layer recomputed in
     backward) the op simply checks again.
     """
-    token = _CLASS_IDS_CHECKED.set(True)
-    try:
-        yield
-    finally:
-        _CLASS_IDS_CHECKED.reset(token)
+    return _set_within(_CLASS_IDS_CHECKED)
 
 
 def ids_trusted() -> bool:
@@ -95,18 +100,13 @@ def ids_trusted() -> bool:
 _KVCACHE_LENGTHS_KNOWN = contextvars.ContextVar("avar_kvcache_lengths_known", default=False)
 
 
-@contextlib.contextmanager
 def kvcache_lengths_known():
     """Within this context ``attention_with_kvcache`` trusts ``cache_seqlens`` (and ``block_table``): the caller
     built them from lengths it holds on the host. Reading them back for the checks is a host sync on GPUs, once
     per layer and generation step otherwise; the transformers integration's decode steps pass the cache's length
     for every sequence.
     """
-    token = _KVCACHE_LENGTHS_KNOWN.set(True)
-    try:
-        yield
-    finally:
-        _KVCACHE_LENGTHS_KNOWN.reset(token)
+    return _set_within(_KVCACHE_LENGTHS_KNOWN)
 
 
 def lengths_trusted() -> bool:

@@ -10,14 +10,12 @@ mma accumulates in double) — the gpu-marked tests of tests/test_kvcache.py do,
 """
 import os
 import shutil
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_kvcache import GPU_CASES, GPU_KEY_MASS_CASES, _cid, check_case
+from test_kvcache import GPU_CASES, GPU_KEY_MASS_CASES, _cid, check_case, install_cuda_binding
 
-import avar_kernels
 from avar_kernels import kvcache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,12 +51,7 @@ def emulated_module():
 @pytest.fixture
 def emulated_kernels(emulated_module, monkeypatch):
     """kvcache.py takes its CUDA path for CPU tensors, and avar_kernels._cuda is the emulated build."""
-    monkeypatch.setitem(sys.modules, "avar_kernels._cuda", emulated_module)
-    monkeypatch.setattr(avar_kernels, "_cuda", emulated_module, raising=False)
-    monkeypatch.setattr(kvcache, "cuda_available", lambda: True)
-    real = kvcache._cuda_why_not
-    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: real(
-        SimpleNamespace(device=torch.device("cuda"), dtype=q.dtype), d, sq, needs_grad))
+    install_cuda_binding(monkeypatch, emulated_module)
     return emulated_module
 
 

@@ -344,22 +344,27 @@ def emulated_binding(calls):
     return decode_fwd
 
 
-@pytest.fixture
-def emulated_cuda(monkeypatch):
-    """kvcache.py sees an fp16 CUDA call with the extension built (every other reason not to use the kernel still
-    applies), and avar_kernels._cuda is the emulated binding. Returns the list of recorded binding calls."""
+def install_cuda_binding(monkeypatch, binding, dtype=None):
+    """Installs `binding` as avar_kernels._cuda, and kvcache.py sees CPU tensors as a CUDA call (of `dtype`, default
+    q's) with the extension built; every other reason not to use the kernel still applies."""
     import sys
 
     import avar_kernels
 
-    calls = []
-    fake = SimpleNamespace(decode_fwd=emulated_binding(calls))
-    monkeypatch.setitem(sys.modules, "avar_kernels._cuda", fake)
-    monkeypatch.setattr(avar_kernels, "_cuda", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "avar_kernels._cuda", binding)
+    monkeypatch.setattr(avar_kernels, "_cuda", binding, raising=False)
     monkeypatch.setattr(kvcache, "cuda_available", lambda: True)
     real = kvcache._cuda_why_not
-    as_cuda = SimpleNamespace(device=torch.device("cuda"), dtype=torch.float16)
-    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: real(as_cuda, d, sq, needs_grad))
+    monkeypatch.setattr(kvcache, "_cuda_why_not", lambda q, d, sq, needs_grad: real(
+        SimpleNamespace(device=torch.device("cuda"), dtype=dtype or q.dtype), d, sq, needs_grad))
+
+
+@pytest.fixture
+def emulated_cuda(monkeypatch):
+    """kvcache.py sees an fp16 CUDA call with the extension built, and avar_kernels._cuda is the float64 model of the
+    binding. Returns the list of recorded binding calls."""
+    calls = []
+    install_cuda_binding(monkeypatch, SimpleNamespace(decode_fwd=emulated_binding(calls)), dtype=torch.float16)
     return calls
 
 

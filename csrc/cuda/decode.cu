@@ -357,8 +357,8 @@ __device__ __forceinline__ void score_chunk(const QFrags<T, D>& q, const T* ks, 
 // ---- The split kernel.
 
 // Shared memory of the split kernel (bytes): row coefficients, the Q tile, then per warp kStages x (K chunk, V chunk)
-// (after the key loop reused for the warps' partial results: max [16], O [16, D], masses [16, 8] fp32), then per warp
-// kStages x 16 key classes.
+// (after the key loop reused for the warps' partial results: max [16], O [16, D], masses [16, 8] fp32, and each row's
+// merge weights), then per warp kStages x 16 key classes.
 template <typename T, int D> struct SplitSmem {
     static constexpr int kCoef = 0;
     static constexpr int kQ = kCoef + kCoefFloats * 4;
@@ -367,7 +367,10 @@ template <typename T, int D> struct SplitSmem {
     static constexpr int kPipeBytes = kWarps * Tile<D>::kStages * kStageElems * int(sizeof(T));
     static constexpr int kPartFloats = kTileRows * (1 + D + kDecodeMaxClasses);  // one warp's partial result
     static constexpr int kMergeBytes = kWarps * kPartFloats * 4;
-    static constexpr int kCls = kPipe + (kPipeBytes > kMergeBytes ? kPipeBytes : kMergeBytes);
+    static constexpr int kRowStats = kPipe + kMergeBytes;  // then per row: the warps' weights, 1 / l, lse
+    static constexpr int kRowFloats = kWarps + 2;
+    static constexpr int kMergeEnd = kMergeBytes + kTileRows * kRowFloats * 4;
+    static constexpr int kCls = kPipe + (kPipeBytes > kMergeEnd ? kPipeBytes : kMergeEnd);
     static constexpr int kBytes = kCls + kWarps * Tile<D>::kStages * kChunk * 4;
 };
 
@@ -508,29 +511,39 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     }
     __syncthreads();
 
-    // Thread = (row r, 8-column piece c of O, or c = D / 8: lse and masses).
-    const int64_t rows_total = int64_t(p.B) * p.Hq * Sq;
-    for (int idx = tid; idx < Rc * (OT + 1); idx += kThreads) {
-        const int r = idx / (OT + 1), c = idx % (OT + 1);
+    // Per row, once: the warps' weights exp(m_w - m), 1 / l and lse, with l = sum of the weighted class columns.
+    float* stats = reinterpret_cast<float*>(smem + L::kRowStats);
+    if (tid < Rc) {
+        const int r = tid;
+        float* rs = stats + r * L::kRowFloats;
         float mx = -INFINITY;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, part[w * L::kPartFloats + r]);
-        float f[kWarps];
         float l = 0.f;
 #pragma unroll
         for (int w = 0; w < kWarps; ++w) {
             const float* pw = part + w * L::kPartFloats;
-            const float mw = pw[r];
-            f[w] = mw == -INFINITY ? 0.f : exp2f((mw - mx) * kLog2e);
+            const float f = pw[r] == -INFINITY ? 0.f : exp2f((pw[r] - mx) * kLog2e);
             const float* pc = pw + kTileRows + kTileRows * D + r * kDecodeMaxClasses;
             float sw = 0.f;
 #pragma unroll
             for (int e = 0; e < kDecodeMaxClasses; ++e) sw += pc[e];
-            l += f[w] * sw;
+            l += f * sw;
+            rs[w] = f;
         }
         // l = 0: no visible key (out = 0, mass = 0, lse = -inf); a NaN l (NaN scores) propagates.
         const bool empty = l <= 0.f;
-        const float inv = empty ? 0.f : 1.f / l;
+        rs[kWarps] = empty ? 0.f : 1.f / l;
+        rs[kWarps + 1] = empty ? -INFINITY : mx + logf(l);
+    }
+    __syncthreads();
+
+    // Thread = (row r, 8-column piece c of O, or c = D / 8: lse and masses).
+    const int64_t rows_total = int64_t(p.B) * p.Hq * Sq;
+    for (int idx = tid; idx < Rc * (OT + 1); idx += kThreads) {
+        const int r = idx / (OT + 1), c = idx % (OT + 1);
+        const float* rs = stats + r * L::kRowFloats;
+        const float inv = rs[kWarps];
         float vals[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
@@ -540,13 +553,13 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
                 const float* pw = part + w * L::kPartFloats;
                 const float x = c < OT ? pw[kTileRows + r * D + c * 8 + e]
                                        : pw[kTileRows + kTileRows * D + r * kDecodeMaxClasses + e];
-                acc += f[w] * x;
+                acc += rs[w] * x;
             }
             vals[e] = acc * inv;
         }
         const int gr = row0 + r, hg = gr / Sq, qi = gr % Sq, h = kvh * group + hg;
         const int64_t row_id = (int64_t(b) * p.Hq + h) * Sq + qi;
-        const float lse_v = empty ? -INFINITY : mx + logf(l);
+        const float lse_v = rs[kWarps + 1];
         if (p.num_splits == 1) {
             if (c < OT) {
                 T* dst = static_cast<T*>(p.out) + b * p.out_batch_stride + qi * p.out_seq_stride +

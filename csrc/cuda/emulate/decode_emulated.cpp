@@ -13,15 +13,12 @@ constexpr int kSms = 4;
 constexpr size_t kSmemPerSm = 233472;    // bytes (228 KB)
 constexpr size_t kSmemPerBlock = 232448;  // the opt-in limit per block (227 KB)
 constexpr size_t kReservedPerBlock = 1024;
-size_t requested_smem = 0;
 }  // namespace
 
 extern "C" {
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute attr, int value) {
-    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
-        if (value < 0 || size_t(value) > kSmemPerBlock) return cudaErrorInvalidValue;
-        requested_smem = std::max(requested_smem, size_t(value));
-    }
+    if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && (value < 0 || size_t(value) > kSmemPerBlock))
+        return cudaErrorInvalidValue;
     return cudaSuccess;
 }
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessorWithFlags(int* blocks, const void*, int threads,

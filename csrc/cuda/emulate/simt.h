@@ -30,6 +30,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <type_traits>
 #include <vector>
 
 #ifndef __launch_bounds__
@@ -243,7 +244,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* addr, bool trans) {
 template <typename T> float half_bits_to_float(uint16_t bits) {
     T h;
     std::memcpy(&h, &bits, 2);
-    if constexpr (sizeof(T) == 2 && std::is_same<T, __half>::value) return __half2float(h);
+    if constexpr (std::is_same<T, __half>::value) return __half2float(h);
     else return __bfloat162float(h);
 }
 
